@@ -1,0 +1,185 @@
+"""One typed config: the single source of parameters for the CLI, the flows and the deployments.
+
+Every section is a frozen pydantic model that rejects unknown keys, so a typo in YAML or on the
+command line fails before any work starts, naming the field, the value and what is allowed.
+
+>>> cfg = load_config(overrides=["train.learning_rate=1e-4", "lora.rank=8"])
+>>> cfg.train.learning_rate, cfg.lora.rank
+(0.0001, 8)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DOLLY_HUB_SOURCE = "hf://databricks/databricks-dolly-15k"
+SAMPLE_SOURCE = "sample"
+EMBEDDED_MODEL = "embedded:gemma3-270m"
+
+
+class ConfigError(ValueError):
+    """A parameter is invalid; the message names the field, the value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class DataConfig(_Section):
+    source: str = Field(
+        SAMPLE_SOURCE,
+        description=f"'{SAMPLE_SOURCE}' (offline sample shipped with the project), "
+        f"'{DOLLY_HUB_SOURCE}', or a local .jsonl/.json/.parquet/.csv file",
+    )
+    eval_fraction: float = Field(0.1, gt=0, le=0.5, description="share of rows held out, per category")
+    seed: int = Field(0, description="seed of the stratified train/eval split")
+    train_limit: int | None = Field(None, ge=1, description="keep at most this many training rows")
+    eval_limit: int | None = Field(None, ge=1, description="keep at most this many held-out rows")
+    strip_citations: bool = Field(True, description="remove Wikipedia citation marks like [42] from context")
+
+    @field_validator("source")
+    @classmethod
+    def _source_form(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError(f"must be '{SAMPLE_SOURCE}', an hf:// dataset or a local file path")
+        return value
+
+
+class ModelConfig(_Section):
+    spec: str = Field(
+        EMBEDDED_MODEL,
+        description="embedded:gemma3-270m, a keras-hub preset name (gemma3_1b, ...), "
+        "hf://org/name, or a local Keras preset directory",
+    )
+    cache_dir: Path | None = Field(None, description="where converted models are cached (user cache dir if unset)")
+
+
+class LoraConfig(_Section):
+    rank: int = Field(4, ge=1, le=256, description="LoRA rank")
+    target_layer_names: tuple[str, ...] | None = Field(
+        None, description="layers that get adapters; None means keras-hub's default (query and value)"
+    )
+
+
+class TrainConfig(_Section):
+    learning_rate: float = Field(3e-4, gt=0, le=1.0, description="AdamW learning rate")
+    weight_decay: float = Field(0.01, ge=0, le=1.0, description="AdamW weight decay (not on biases or scales)")
+    sequence_length: int = Field(128, ge=16, le=8192, description="tokens per example, prompt plus response")
+    batch_size: int = Field(4, ge=1, le=1024)
+    epochs: int = Field(1, ge=1, le=1000)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    seed: int = Field(0, description="seed for shuffling and adapter initialisation")
+    checkpoint_every: int = Field(8, ge=1, description="save a resumable checkpoint every N steps")
+    keep_checkpoints: int = Field(2, ge=1, le=100, description="how many recent checkpoints to keep")
+
+
+class GenerationConfig(_Section):
+    sampler: Literal["greedy", "top_k", "top_p"] = "greedy"
+    top_k: int = Field(5, ge=1, le=1000)
+    top_p: float = Field(0.9, gt=0, le=1.0)
+    temperature: float = Field(1.0, gt=0, le=10.0)
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    batch_size: int = Field(8, ge=1, le=512, description="prompts per generate call (the last batch is padded)")
+    seed: int = 0
+
+
+class EvalConfig(_Section):
+    num_prompts: int = Field(16, ge=1, description="held-out prompts used for generation and scoring")
+    num_side_by_side: int = Field(6, ge=0, description="answers shown side by side in the report")
+
+
+class OutputConfig(_Section):
+    root: Path = Field(Path("runs"), description="where run outputs (Parquet, adapters, reports) land")
+
+
+class PipelineConfig(_Section):
+    backend: Literal["jax", "tensorflow"] = Field("jax", description="Keras backend")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    generation: GenerationConfig = GenerationConfig()
+    evaluation: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections (all when none named), for cache keys and metadata."""
+        dumped = self.model_dump(mode="json")
+        picked = {name: dumped[name] for name in (sections or dumped)}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()
+) -> PipelineConfig:
+    """Build the config from an optional YAML file plus ``section.field=value`` overrides.
+
+    Values in overrides are parsed as YAML scalars (``1e-4``, ``true``, ``null``, ``[q, v]``).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    items = overrides.items() if isinstance(overrides, Mapping) else (_split_override(o) for o in overrides)
+    for dotted, value in items:
+        _set_dotted(data, dotted, value)
+    return validate_config(data)
+
+
+def validate_config(data: Mapping[str, Any]) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown key; check the spelling (see `gemma-lora run --help`)")
+        else:
+            lines.append(f"  {field} = {e.get('input')!r}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.field=value, e.g. train.learning_rate=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for name in parents:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {name!r} is a value, not a section")
+        node = child
+    node[leaf] = value
