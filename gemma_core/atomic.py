@@ -60,12 +60,13 @@ def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` as a whole when the block succeeds.
 
     If another process published ``target`` first, its copy is kept and ours is discarded: two
     writers of the same content-addressed directory never leave a mix of both.
-    An empty directory at ``target`` is replaced.
+    An empty directory at ``target`` is replaced. With ``replace=True`` an existing ``target`` is
+    swapped out for ours (exports, where the newest wins).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -75,14 +76,20 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         for path in tmp.rglob("*"):
             if path.is_file():
                 _fsync_path(path)
-        try:
-            os.rename(tmp, target)  # fails if target exists and is non-empty
-        except OSError:
-            if not target.exists():
-                raise
-            # Another writer published the same content-addressed directory first: keep theirs.
-            # (Directories only ever appear here by rename, so an existing one is complete.
-            # Callers that find one corrupted delete it before rebuilding.)
+        if replace and target.exists():
+            old = target.with_name(f".{target.name}.{os.getpid()}.old")
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            try:
+                os.rename(tmp, target)  # fails if target exists and is non-empty
+            except OSError:
+                if not target.exists():
+                    raise
+                # Another writer published the same content-addressed directory first: keep
+                # theirs. Directories only appear here by rename, so an existing one is complete;
+                # callers that find one corrupted delete it before rebuilding.
         _fsync_path(target.parent)
     finally:
         if tmp.exists():

@@ -1,0 +1,127 @@
+"""Adapter-only, mid-epoch checkpoints: LoRA weights, optimizer state, step, with checksums.
+
+Each checkpoint is a directory ``step-00000012/`` published by one atomic rename, holding
+``adapter.lora.h5`` (keras-hub's ``save_lora_weights``), ``optimizer.npz`` and ``manifest.json``
+(step, identity of the run, sha256 of both files). A checkpoint whose files do not match their
+checksums is skipped for the previous one, and the log says which and why.
+
+Shuffling is a pure function of (seed, epoch) and the data position a pure function of the step,
+so the step number is the whole "data position and RNG state" needed to resume exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gemma_core.atomic import atomic_directory, sha256_file
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILE = "adapter.lora.h5"
+OPTIMIZER_FILE = "optimizer.npz"
+MANIFEST_FILE = "manifest.json"
+# Fields of the run identity that must match for a checkpoint to be resumed, with the fix to name.
+IDENTITY_FIXES = {
+    "model_id": "train from the same model.spec, or use a fresh output directory",
+    "lora_rank": "set lora.rank back, or use a fresh output directory",
+    "lora_targets": "set lora.target_layer_names back, or use a fresh output directory",
+    "data_hash": "train on the same data, or use a fresh output directory",
+    "batch_size": "set train.batch_size back, or use a fresh output directory",
+    "sequence_length": "set train.sequence_length back, or use a fresh output directory",
+    "seed": "set train.seed back, or use a fresh output directory",
+}
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint belongs to another model, rank or data: resuming from it would be wrong."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+    manifest: dict[str, Any]
+
+    @property
+    def adapter_path(self) -> Path:
+        return self.path / ADAPTER_FILE
+
+
+def save_checkpoint(
+    ckpt_root: Path, step: int, backbone, optimizer, identity: dict[str, Any], losses: list[float], keep: int
+) -> Checkpoint:
+    target = ckpt_root / f"step-{step:08d}"
+    with atomic_directory(target) as tmp:
+        backbone.save_lora_weights(str(tmp / ADAPTER_FILE))
+        values = {f"v{i:04d}": np.asarray(v) for i, v in enumerate(optimizer.variables)}
+        with open(tmp / OPTIMIZER_FILE, "wb") as f:
+            np.savez(f, **values)
+        manifest = {
+            "step": step,
+            "identity": identity,
+            "losses": losses,
+            "optimizer_variables": [v.path for v in optimizer.variables],
+            "sha256": {name: sha256_file(tmp / name) for name in (ADAPTER_FILE, OPTIMIZER_FILE)},
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    _prune(ckpt_root, keep)
+    return Checkpoint(target, step, manifest)
+
+
+def latest_valid_checkpoint(ckpt_root: Path, identity: dict[str, Any]) -> Checkpoint | None:
+    """The newest checkpoint whose files match their checksums; mismatched identity is an error."""
+    for path in sorted(ckpt_root.glob("step-*"), reverse=True):
+        problem = _verify(path)
+        if problem:
+            log.warning("skipping checkpoint %s: %s; trying the previous one", path, problem)
+            continue
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        _check_identity(path, manifest["identity"], identity)
+        return Checkpoint(path, manifest["step"], manifest)
+    return None
+
+
+def restore_optimizer(optimizer, checkpoint: Checkpoint) -> None:
+    with np.load(checkpoint.path / OPTIMIZER_FILE) as saved:
+        values = [saved[k] for k in sorted(saved.files)]
+    if len(values) != len(optimizer.variables):
+        raise CheckpointMismatchError(
+            f"checkpoint {checkpoint.path} holds {len(values)} optimizer variables, the model needs "
+            f"{len(optimizer.variables)}; it was written for another LoRA setup: use a fresh output directory"
+        )
+    for variable, value in zip(optimizer.variables, values):
+        variable.assign(value)
+
+
+def _verify(path: Path) -> str | None:
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        for name, expected in manifest["sha256"].items():
+            if not (path / name).is_file():
+                return f"{name} is missing"
+            if sha256_file(path / name) != expected:
+                return f"{name} does not match its recorded sha256 (corrupted or truncated)"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{MANIFEST_FILE} is missing or unreadable ({err})"
+    return None
+
+
+def _check_identity(path: Path, saved: dict[str, Any], wanted: dict[str, Any]) -> None:
+    for key, fix in IDENTITY_FIXES.items():
+        if saved.get(key) != wanted.get(key):
+            raise CheckpointMismatchError(
+                f"checkpoint {path} was written with {key}={saved.get(key)!r} but this run has "
+                f"{key}={wanted.get(key)!r}: {fix}"
+            )
+
+
+def _prune(ckpt_root: Path, keep: int) -> None:
+    for old in sorted(ckpt_root.glob("step-*"), reverse=True)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
