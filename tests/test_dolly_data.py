@@ -58,10 +58,12 @@ def test_each_local_source_type(tmp_path, suffix):
 
 
 def test_sample_source_is_default_and_marked_as_sample(tmp_path):
-    prepared = format_dolly_to_parquet(DataConfig(), tmp_path)
+    assert DataConfig().source == "sample"
+    prepared = format_dolly_to_parquet(DataConfig(train_limit=None), tmp_path)
     meta = json.loads(pq.read_schema(prepared.train_path).metadata[METADATA_KEY])
     assert prepared.is_sample and meta["is_sample"] and "not Dolly" in meta["license"]
     assert sum(prepared.counts.values()) >= 300
+    assert len(meta["per_category"]["train"]) == 8
     assert len(meta["per_category"]["eval"]) == 8
 
 
