@@ -1,0 +1,116 @@
+"""The comparison report's pure rendering: every section, in Markdown, standalone HTML and metrics.json."""
+
+import base64
+import json
+import math
+
+import pytest
+
+from gemma_core.report import (
+    METRICS,
+    REPORT_SECTIONS,
+    build_report,
+    library_versions,
+    render_html,
+    render_markdown,
+    sparkline,
+    training_curve_png,
+    write_report,
+)
+
+
+def _row(category, instruction, answer, rouge, ended=True):
+    return {"category": category, "instruction": instruction, "reference": "ref | with pipe\nand newline",
+            "answer": answer, "rouge_l_f1": rouge, "ended_with_eos": ended, "new_tokens": len(answer.split()) + 1,
+            "nll": 10.0, "response_tokens": 5}
+
+
+def _eval(answers, rouge, loss):
+    rows = [_row("open_qa", "What is <b>red</b>?", answers[0], rouge), _row("closed_qa", "Who wrote it?", answers[1], rouge, False)]
+    summary = {"examples": 2, "completion_loss": loss, "perplexity": math.exp(loss), "rouge_l_f1": rouge,
+               "eos_rate": 0.5, "mean_answer_tokens": 3.0}
+    return {"overall": summary, "per_category": {"open_qa": {**summary, "examples": 1}, "closed_qa": {**summary, "examples": 1}},
+            "rows": rows, "generation_seconds": 2.0, "new_tokens_per_second": 3.0}
+
+
+MANIFEST = {
+    "model": {"spec": "embedded:gemma3-270m", "content_hash": "abc"},
+    "data": {"source": "sample", "content_hash": "d1", "is_sample": True, "counts": {"train": 96, "eval": 20}},
+    "config": {"train": {"learning_rate": 3e-4}},
+    "versions": {"keras": "3"},
+    "stage_seconds": {"prepare_data": 0.5, "train": 100.0},
+    "training_tokens_per_second": 123.4,
+    "peak_memory_mb": 2048.0,
+}
+
+
+@pytest.fixture
+def report():
+    base = _eval(["It is a colour.", "Ann"], 0.2, 3.0)
+    tuned = _eval(["Red is a colour.", "Ann wrote it."], 0.4, float("nan"))
+    training = {"losses": [3.0, 2.5, 2.0, 1.8, 1.7, 1.6, 1.5, 1.5, 1.4], "steps": 9, "learning_rate": 3e-4}
+    return build_report(base, tuned, training, MANIFEST, num_side_by_side=1)
+
+
+def test_metrics_compare_base_and_tuned(report):
+    m = report.metrics
+    assert set(m["overall"]) == set(METRICS)
+    rouge = m["overall"]["rouge_l_f1"]
+    assert (rouge["base"], rouge["tuned"]) == (0.2, 0.4) and rouge["change"] == pytest.approx(0.2)
+    assert m["overall"]["completion_loss"]["tuned"] is None  # NaN is not valid JSON: it becomes null
+    assert set(m["per_category"]) == {"open_qa", "closed_qa"} and m["per_category"]["open_qa"]["examples"] == 1
+    assert m["answers_changed"] == 2 and m["num_prompts"] == 2 and len(m["prompts"]) == 2
+    assert len(report.side_by_side) == 1  # num_side_by_side
+
+
+def test_markdown_holds_every_section(report):
+    md = render_markdown(report, "training_curve.png")
+    for section in REPORT_SECTIONS:
+        assert f"## {section}" in md
+    assert "![training loss per step](training_curve.png)" in md
+    assert "held-out loss" in md and "ROUGE-L F1" in md and "end-of-sequence rate" in md
+    assert "It is a colour." in md and "Red is a colour." in md  # side by side
+    assert "Ann wrote it." not in md  # only num_side_by_side prompts are shown
+    assert "ref \\| with pipe<br>and newline" in md  # table cells stay one row
+    assert "embedded:gemma3-270m" in md and "stage_seconds.train" in md and "peak_memory_mb" in md
+    assert "offline sample" in md  # the report says when the sample was used
+    assert "+0.200 ✓" in md
+
+
+def test_html_is_standalone_with_the_curve_embedded(report):
+    png = training_curve_png(report.losses)
+    page = render_html(report, png)
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    for section in REPORT_SECTIONS:
+        assert f"<h2>{section}</h2>" in page
+    assert base64.b64encode(png).decode() in page
+    assert "What is &lt;b&gt;red&lt;/b&gt;?" in page  # escaped, not interpreted
+    assert "http://" not in page and "https://" not in page and 'src="' in page
+
+
+def test_write_report_files(report, tmp_path):
+    paths = write_report(report, tmp_path / "r")
+    assert {p.name for p in paths.values()} == {"report.md", "report.html", "metrics.json", "training_curve.png"}
+    metrics = json.loads(paths["metrics"].read_text())  # strict JSON: NaN became null
+    assert metrics["training"]["losses"][0] == 3.0 and metrics["manifest"]["model"]["spec"] == "embedded:gemma3-270m"
+    assert paths["training_curve"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # same input, same bytes: a rerun does not churn the files
+    assert training_curve_png(report.losses) == training_curve_png(report.losses)
+
+
+def test_mismatched_prompts_are_refused():
+    base = _eval(["a", "b"], 0.1, 1.0)
+    tuned = _eval(["a", "b"], 0.1, 1.0)
+    tuned["rows"][1]["instruction"] = "something else"
+    with pytest.raises(ValueError, match="same prompts"):
+        build_report(base, tuned, {"losses": []}, MANIFEST, 2)
+
+
+def test_small_helpers():
+    assert sparkline([]) == "" and len(sparkline(list(range(100)), width=20)) == 20
+    assert sparkline([1, 1]) == "▄▄"
+    versions = library_versions()
+    assert versions["keras"] != "not installed" and "python" in versions
+    empty = build_report(_eval(["a", "b"], 0.1, 1.0), _eval(["a", "b"], 0.1, 1.0), {"losses": []}, {}, 0)
+    md = render_markdown(empty, None)
+    assert "no training steps" in md and "none requested" in md and "exactly as the base model" in md
