@@ -65,6 +65,13 @@ def encode_examples(
         )
         parts.append((np.asarray(x["token_ids"]), np.asarray(x["padding_mask"]), np.asarray(y), np.asarray(weight)))
     token_ids, padding_mask, labels, weight = (np.concatenate(p) for p in zip(*parts))
+    # keras-hub packs round-robin: an over-long pair loses tokens from both prompt and response.
+    truncated = int(padding_mask.all(axis=1).sum())
+    if truncated:
+        log.warning(
+            "%d of %d examples fill all %d tokens and were truncated (prompt and response alike); "
+            "raise train.sequence_length to keep them whole", truncated, len(prompts), sequence_length,
+        )
     keep = np.flatnonzero(weight.sum(axis=1) > 0)
     if len(keep) < len(prompts):
         log.warning(

@@ -1,0 +1,138 @@
+"""LoRA training mechanics on a tiny random Gemma: resume, checkpoints, logs, bad input."""
+
+import json
+
+import keras_hub
+import numpy as np
+import pytest
+
+from gemma_core.checkpoints import CheckpointMismatchError
+from gemma_core.config import LoraConfig, TrainConfig
+from gemma_core.encoding import SequenceTooShortError
+from gemma_core.lora_train import EmptyTrainingSetError, batch_indices, total_steps, train_lora
+
+IDENTITY = {"model_id": "tiny", "data_hash": "d1"}
+CFG = TrainConfig(max_steps=6, epochs=3, batch_size=2, sequence_length=64, learning_rate=1e-2, checkpoint_every=3)
+
+
+def lora_weights(model):
+    return [np.asarray(v) for v in model.backbone.trainable_weights]
+
+
+def examples(sample_splits, n=10):
+    train, _ = sample_splits
+    return list(train["prompt"][:n]), list(train["response"][:n])
+
+
+def test_batches_cover_each_epoch_once_with_fixed_shape():
+    seen = []
+    for step in range(4):  # 7 examples, batch 2: 4 steps per epoch
+        chosen, real = batch_indices(7, 2, seed=0, step=step)
+        assert len(chosen) == 2
+        seen.extend(chosen[:real])
+    assert sorted(seen) == list(range(7))
+    assert not np.array_equal(batch_indices(7, 2, 0, 0)[0], batch_indices(7, 2, 0, 4)[0])  # reshuffled
+    assert total_steps(7, TrainConfig(batch_size=2, epochs=3)) == 12
+    assert total_steps(7, TrainConfig(batch_size=2, epochs=3, max_steps=5)) == 5
+
+
+def test_training_changes_only_the_adapter_and_logs_every_step(tiny_model, sample_splits, tmp_path):
+    frozen_before = np.asarray(tiny_model.backbone.get_layer("token_embedding").embeddings)
+    result = train_lora(tiny_model, *examples(sample_splits), CFG, LoraConfig(), tmp_path, IDENTITY)
+    assert result.steps == 6 and len(result.losses) == 6 and result.adapter_path.is_file()
+    assert np.array_equal(frozen_before, np.asarray(tiny_model.backbone.get_layer("token_embedding").embeddings))
+    log_lines = [json.loads(line) for line in result.log_path.read_text().splitlines()]
+    assert [r["step"] for r in log_lines] == [1, 2, 3, 4, 5, 6]
+    assert all(r["useful_tokens"] > 0 and r["tokens_per_second"] > 0 for r in log_lines)
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_resume_matches_uninterrupted_run(tiny_preset, sample_splits, tmp_path):
+    prompts, responses = examples(sample_splits)
+    straight = keras_hub.models.CausalLM.from_preset(str(tiny_preset))
+    full = train_lora(straight, prompts, responses, CFG, LoraConfig(), tmp_path / "a", IDENTITY)
+
+    first = keras_hub.models.CausalLM.from_preset(str(tiny_preset))
+    half = train_lora(first, prompts, responses, CFG, LoraConfig(), tmp_path / "b", IDENTITY, stop_after_steps=3)
+    assert half.steps == 3 and not half.adapter_path.exists()
+    second = keras_hub.models.CausalLM.from_preset(str(tiny_preset))  # a new process would start here
+    resumed = train_lora(second, prompts, responses, CFG, LoraConfig(), tmp_path / "b", IDENTITY)
+
+    assert resumed.resumed_from_step == 3
+    np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-5, atol=1e-6)
+    for a, b in zip(lora_weights(straight), lora_weights(second)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    logged = [json.loads(line)["step"] for line in resumed.log_path.read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]
+
+
+def test_corrupted_checkpoint_falls_back_to_previous(tiny_preset, sample_splits, tmp_path, caplog):
+    prompts, responses = examples(sample_splits)
+    cfg = CFG.model_copy(update={"checkpoint_every": 2, "keep_checkpoints": 3})
+    model = keras_hub.models.CausalLM.from_preset(str(tiny_preset))
+    train_lora(model, prompts, responses, cfg, LoraConfig(), tmp_path, IDENTITY, stop_after_steps=4)
+    newest = tmp_path / "checkpoints" / "step-00000004" / "adapter.lora.h5"
+    newest.write_bytes(newest.read_bytes()[:64])  # truncated, as by a crash or a full disk
+    model = keras_hub.models.CausalLM.from_preset(str(tiny_preset))
+    with caplog.at_level("WARNING"):
+        resumed = train_lora(model, prompts, responses, cfg, LoraConfig(), tmp_path, IDENTITY)
+    assert resumed.resumed_from_step == 2
+    assert "step-00000004" in caplog.text and "sha256" in caplog.text
+
+
+def test_checkpoints_are_pruned_to_keep(tiny_model, sample_splits, tmp_path):
+    cfg = CFG.model_copy(update={"checkpoint_every": 1, "keep_checkpoints": 2})
+    train_lora(tiny_model, *examples(sample_splits), cfg, LoraConfig(), tmp_path, IDENTITY)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000005", "step-00000006"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lora": LoraConfig(rank=8)}, "lora_rank=4 but this run has lora_rank=8"),
+        ({"identity": {"model_id": "other", "data_hash": "d1"}}, "model_id='tiny' but this run has model_id='other'"),
+    ],
+)
+def test_checkpoint_from_another_model_or_rank_is_refused(tiny_preset, sample_splits, tmp_path, change, message):
+    prompts, responses = examples(sample_splits)
+    model = keras_hub.models.CausalLM.from_preset(str(tiny_preset))
+    train_lora(model, prompts, responses, CFG, LoraConfig(), tmp_path, IDENTITY, stop_after_steps=3)
+    model = keras_hub.models.CausalLM.from_preset(str(tiny_preset))
+    with pytest.raises(CheckpointMismatchError, match=message) as err:
+        train_lora(model, prompts, responses, CFG, change.get("lora", LoraConfig()), tmp_path,
+                   change.get("identity", IDENTITY))
+    assert "fresh output directory" in str(err.value)
+
+
+def test_empty_training_split(tiny_model, tmp_path):
+    with pytest.raises(EmptyTrainingSetError, match="training split is empty"):
+        train_lora(tiny_model, [], [], CFG, LoraConfig(), tmp_path, IDENTITY)
+
+
+def test_sequence_length_shorter_than_template(tiny_model):
+    from gemma_core.encoding import check_sequence_length
+
+    with pytest.raises(SequenceTooShortError, match=r"train.sequence_length=4 is shorter than the prompt template"):
+        check_sequence_length(tiny_model.preprocessor, 4)
+
+
+def test_over_long_examples_are_reported(tiny_model, sample_splits, caplog):
+    from gemma_core.encoding import encode_examples
+
+    train, _ = sample_splits
+    with caplog.at_level("WARNING"):
+        encoded = encode_examples(tiny_model.preprocessor, list(train["prompt"][:4]), list(train["response"][:4]), 16)
+    assert "4 of 4 examples fill all 16 tokens and were truncated" in caplog.text
+    assert encoded.sample_weight.sum(axis=1).min() > 0  # every example keeps response tokens to learn from
+
+
+def test_unknown_target_layer(tiny_model, sample_splits, tmp_path):
+    with pytest.raises(ValueError, match="matched no layer"):
+        train_lora(tiny_model, *examples(sample_splits), CFG, LoraConfig(target_layer_names=("nope",)),
+                   tmp_path, IDENTITY)
+
+
+def test_progress_callback_sees_every_step(tiny_model, sample_splits, tmp_path):
+    reports = []
+    train_lora(tiny_model, *examples(sample_splits), CFG, LoraConfig(), tmp_path, IDENTITY, on_step=reports.append)
+    assert [r.step for r in reports] == [1, 2, 3, 4, 5, 6] and all(r.total_steps == 6 for r in reports)
