@@ -31,3 +31,24 @@ def sample_splits(tmp_path_factory):
 
     prepared = format_dolly_to_parquet(DataConfig(), tmp_path_factory.mktemp("data"))
     return read_split(prepared.train_path), read_split(prepared.eval_path)
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_preset():
+    """The embedded Gemma 3 270M as a verified Keras preset, converted once per machine.
+
+    It lives in the same cache the pipeline uses ($GEMMA_LORA_CACHE, else the user cache dir), so
+    test sessions and real runs share one conversion instead of each spending a minute on it.
+    """
+    from gemma_core.gguf_convert import ensure_converted
+    from gemma_core.models import default_cache_dir
+
+    return ensure_converted(default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m(gemma3_270m_preset):
+    """One loaded 270M CausalLM shared by the read-only slow tests (do not train it)."""
+    import keras_hub
+
+    return keras_hub.models.CausalLM.from_preset(str(gemma3_270m_preset))
