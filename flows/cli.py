@@ -1,14 +1,28 @@
 """``gemma-lora``: the command line. Every config field is an option (``--set section.field=value``)
-or comes from a YAML file (``--config``); the typed config validates both before any work starts."""
+or comes from a YAML file (``--config``); the typed config validates both before any work starts.
+
+  gemma-lora run       run the pipeline (cached: a second identical run is all Cached)
+  gemma-lora report    print the last run's report (Markdown), or its HTML/JSON, or open it
+  gemma-lora export    export the last run's tuned model (adapter, merged Keras preset, safetensors)
+
+Prefect runs embedded (a temporary local server on SQLite under PREFECT_HOME, default ./.prefect)
+unless PREFECT_API_URL points to a server.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
+import time
+import webbrowser
+from pathlib import Path
+from typing import Any
 
 from gemma_core.config import ConfigError, PipelineConfig, load_config
+
+LATEST = Path("reports") / "latest.json"
 
 
 def _config_help() -> str:
@@ -23,37 +37,145 @@ def _config_help() -> str:
     return "\n".join(lines)
 
 
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with config sections")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one config field (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemma-lora", description=__doc__)
+    parser = argparse.ArgumentParser(prog="gemma-lora", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
         "run", help="run the pipeline", epilog=_config_help(), formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    run.add_argument("--config", help="YAML file with config sections")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    _config_options(run)
+    run.add_argument("--result-storage", metavar="PATH_OR_URL",
+                     help="where cached task results persist: a directory or any fsspec URL "
+                          "(default: $GEMMA_LORA_RESULT_STORAGE, else <output.root>/prefect-results)")
+    report = commands.add_parser("report", help="show the last run's report (found under output.root)")
+    _config_options(report)
+    report.add_argument("--format", choices=("md", "html", "json", "path"), default="md",
+                        help="md: print report.md (default); html/json: print report.html/metrics.json; "
+                             "path: print the report directory")
+    report.add_argument("--open", action="store_true", help="open report.html in a browser")
+    export = commands.add_parser("export", help="export the last run's tuned model")
+    _config_options(export)
+    export.add_argument("--result-storage", metavar="PATH_OR_URL", help="as for run")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.command == "run":
-            return _run(cfg)
     except (ConfigError, ValueError) as err:
         print(f"gemma-lora: {err}", file=sys.stderr)
         return 2
+    if args.command == "report":
+        return _report(cfg, args)
+    # Prefect reads its settings when first imported: the defaults go in before that.
+    from flows.env import apply_defaults
+
+    apply_defaults()
+    os.environ["KERAS_BACKEND"] = cfg.backend
+    if args.command == "run":
+        return _run(cfg, args.result_storage)
+    return _export(cfg, args.result_storage)
+
+
+def _run(cfg: PipelineConfig, result_storage: str | None) -> int:
+    from flows.pipeline import gemma_lora_pipeline
+
+    started = time.perf_counter()
+    state = gemma_lora_pipeline(config=cfg.model_dump(mode="json"), result_storage=result_storage,
+                                return_state=True)
+    seconds = time.perf_counter() - started
+    if not state.is_completed():
+        print(f"\ngemma-lora: the run failed after {seconds:.0f} s: {state.message}", file=sys.stderr)
+        print("Run the same command again to resume: finished stages are Cached, and training continues "
+              "from its newest checkpoint.", file=sys.stderr)
+        return 1
+    summary = state.result()
+    print(_summary_text(summary, seconds))
     return 0
 
 
-def _run(cfg: PipelineConfig) -> int:
-    from gemma_core.dolly_prepare import format_dolly_to_parquet
+def _summary_text(summary: dict[str, Any], seconds: float) -> str:
+    lines = ["", f"gemma-lora: pipeline finished in {seconds:.0f} s", ""]
+    timings = summary.get("stage_seconds", {})
+    for stage, state in summary["states"].items():
+        took = "" if state == "Cached" else f"  {timings.get(stage, 0):7.1f} s"
+        lines.append(f"  {stage:<16} {state:<10}{took}")
+    base, tuned = summary["base"], summary["tuned"]
+    lines += [
+        "",
+        f"  {'metric':<22} {'base':>9} {'tuned':>9}",
+        *[f"  {label:<22} {_f(base.get(key)):>9} {_f(tuned.get(key)):>9}"
+          for key, label in (("completion_loss", "held-out loss"), ("rouge_l_f1", "ROUGE-L F1"),
+                             ("eos_rate", "end-of-sequence rate"), ("mean_answer_tokens", "answer length"))],
+        "",
+        f"  {summary['answers_changed']} of {summary['num_prompts']} answers changed",
+        f"  report: {Path(summary['report_dir']) / 'report.html'}  (gemma-lora report to print it)",
+    ]
+    return "\n".join(lines)
 
-    prepared = format_dolly_to_parquet(cfg.data, cfg.output.root / "data")
-    print(json.dumps({"train": str(prepared.train_path), "eval": str(prepared.eval_path),
-                      "counts": prepared.counts, "dropped": prepared.dropped,
-                      "data": "offline sample (not Dolly-15k)" if prepared.is_sample else prepared.source}, indent=2))
+
+def _f(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _latest(cfg: PipelineConfig) -> dict[str, Any] | None:
+    path = Path(cfg.output.root) / LATEST
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _report(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    latest = _latest(cfg)
+    if latest is None:
+        print(f"gemma-lora: no report under {Path(cfg.output.root).resolve()}: run `gemma-lora run` first "
+              "(or pass the run's --config/--set output.root=...)", file=sys.stderr)
+        return 1
+    report_dir = Path(latest["report_dir"])
+    files = {"md": report_dir / "report.md", "html": report_dir / "report.html", "json": report_dir / "metrics.json"}
+    if args.open:
+        webbrowser.open(files["html"].resolve().as_uri())
+    if args.format == "path":
+        print(report_dir)
+        return 0
+    path = files[args.format]
+    if not path.is_file():
+        print(f"gemma-lora: {path} is missing; run `gemma-lora run` again to rebuild it", file=sys.stderr)
+        return 1
+    print(path.read_text(encoding="utf-8"))
+    return 0
+
+
+def _export(cfg: PipelineConfig, result_storage: str | None) -> int:
+    latest = _latest(cfg)
+    if latest is None:
+        print("gemma-lora: nothing to export: run `gemma-lora run` first", file=sys.stderr)
+        return 1
+    from flows.export import export_flow
+    from tasks.results import ModelResult, TrainOutput
+
+    state = export_flow(
+        config=latest["config"],
+        model=ModelResult.model_validate(latest["results"]["model"]),
+        adapter=TrainOutput.model_validate(latest["results"]["train"]),
+        result_storage=result_storage or latest.get("result_storage"),
+        return_state=True,
+    )
+    if not state.is_completed():
+        print(f"gemma-lora: export failed: {state.message}", file=sys.stderr)
+        return 1
+    result = state.result()
+    for name, path in result.exports.items():
+        print(f"{name:<14} {path}")
     return 0
 
 

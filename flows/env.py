@@ -1,0 +1,46 @@
+"""Environment defaults for running Prefect embedded. Import and call :func:`apply_defaults` before
+anything imports Prefect: Prefect reads its settings when it is first imported.
+
+Every default is ``setdefault``: a value the user exported wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+RESULT_STORAGE_ENV = "GEMMA_LORA_RESULT_STORAGE"
+
+DEFAULTS = {
+    # The server logs a telemetry error when it cannot reach the internet; do not try.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    # The embedded server's 20 s default start-up limit was missed on a busy 2-core machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    # gemma_core logs (conversion, training resume, dropped rows) show in the flow run's logs too.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "gemma_core",
+}
+
+
+def default_prefect_home() -> Path:
+    """``.prefect/`` next to the run outputs (the current directory), like ``runs/``."""
+    return Path.cwd() / ".prefect"
+
+
+def apply_defaults(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Set the defaults (and ``PREFECT_HOME``) where unset; returns what was set.
+
+    Prefect runs embedded (its ephemeral server on SQLite under ``PREFECT_HOME``) unless
+    ``PREFECT_API_URL`` points to a server.
+    """
+    env = os.environ if environ is None else environ
+    applied = {}
+    defaults = dict(DEFAULTS)
+    defaults["PREFECT_HOME"] = str(default_prefect_home())
+    if not env.get("PREFECT_API_URL"):
+        defaults["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "true"
+    for key, value in defaults.items():
+        if key not in env:
+            env[key] = value
+            applied[key] = value
+    return applied

@@ -1,0 +1,80 @@
+"""The pipeline flow. It reads like the README's diagram:
+
+prepare data → resolve model → baseline generation + eval → LoRA fine-tuning (its own flow)
+→ tuned generation + eval (same prompts, seeds) → report
+
+Every stage is a cached task (see ``tasks/``): a rerun with nothing changed is all Cached, a
+changed input reruns the stages that depend on it, and a rerun after a failure starts at the
+failed stage (training continues from its newest checkpoint).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.stages import StageRunner, select_backend
+from flows.storage import make_result_storage, result_storage_location
+from flows.training import lora_training_flow
+from gemma_core.atomic import atomic_write_text
+from gemma_core.config import validate_config
+from tasks.artifacts import publish_report
+from tasks.data import prepare_data, source_fingerprint
+from tasks.evaluate import evaluate
+from tasks.model import resolve_model_preset, spec_fingerprint
+from tasks.report import render_report
+
+LATEST = Path("reports") / "latest.json"  # under output.root: what `gemma-lora report` shows
+
+
+@flow(name="gemma-lora-pipeline")
+def gemma_lora_pipeline(config: dict[str, Any] | None = None, result_storage: str | None = None) -> dict[str, Any]:
+    """Fine-tune and compare: ``config`` holds any config sections (defaults for the rest);
+    ``result_storage`` is where cached results persist (a path or fsspec URL)."""
+    cfg = validate_config(config or {})
+    select_backend(cfg.backend)
+    config_json = cfg.model_dump(mode="json")
+    out_root = str(Path(cfg.output.root).resolve())
+    location = result_storage_location(result_storage, out_root)
+    stages = StageRunner(make_result_storage(location))
+    gen, ev = cfg.generation, cfg.evaluation
+
+    data = stages.run(prepare_data, cfg.data, out_root, source_fingerprint(cfg.data.source))
+    model = stages.run(resolve_model_preset, cfg.model, spec_fingerprint(cfg.model.spec))
+    base = stages.run(evaluate, "base", gen, ev.num_prompts, cfg.train.sequence_length, data, model, out_root,
+                      backend=cfg.backend, name="evaluate-base")
+    training = lora_training_flow(config=config_json, data=data, model=model, result_storage=location)
+    stages.states.update(training.states)
+    tuned = stages.run(evaluate, "tuned", gen, ev.num_prompts, cfg.train.sequence_length, data, model, out_root,
+                       adapter=training.output, backend=cfg.backend, name="evaluate-tuned")
+    report = stages.run(render_report, base, tuned, training.output, data, model, config_json,
+                        ev.num_side_by_side, out_root)
+
+    artifacts = publish_report(report)
+    summary = {
+        "flow_run_id": str(flow_run.get_id()),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "states": stages.states,
+        "stage_seconds": {r.stage: r.seconds for r in (data, model, base, training.output, tuned, report)},
+        "report_dir": report.report_dir,
+        "answers_changed": report.answers_changed,
+        "num_prompts": report.num_prompts,
+        "base": base.overall,
+        "tuned": tuned.overall,
+        "results": {
+            "data": data.model_dump(mode="json"),
+            "model": model.model_dump(mode="json"),
+            "train": training.output.model_dump(mode="json"),
+            "report": report.model_dump(mode="json"),
+        },
+        "result_storage": location,
+        "artifacts": artifacts,
+        "config": config_json,
+    }
+    atomic_write_text(Path(out_root) / LATEST, json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    return summary

@@ -1,0 +1,37 @@
+"""Where cached task results persist: a local directory by default, any fsspec URL otherwise."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from flows.env import RESULT_STORAGE_ENV
+
+RESULTS_DIRNAME = "prefect-results"
+
+
+def result_storage_location(url: str | None, out_root: str | Path) -> str:
+    """The storage URL or path: ``url``, else ``$GEMMA_LORA_RESULT_STORAGE``, else ``<output.root>/prefect-results``."""
+    return url or os.environ.get(RESULT_STORAGE_ENV) or str(Path(out_root) / RESULTS_DIRNAME)
+
+
+def make_result_storage(location: str):
+    """What a task's ``result_storage`` option takes for ``location``.
+
+    A local path (or ``file://``) is passed as a ``Path``. Any other fsspec URL (``s3://bucket/prefix``,
+    ``gs://...``, ``memory://...``; the matching fsspec package must be installed) becomes a
+    ``RemoteFileSystem`` block, which Prefect only accepts on a task once it is saved on the server:
+    it is saved under a name derived from the URL, so repeated runs reuse one block document.
+    """
+    if "://" in location and not location.startswith("file://"):
+        from prefect.filesystems import RemoteFileSystem
+
+        basepath = location.rstrip("/")
+        name = "gemma-lora-results-" + hashlib.sha256(basepath.encode()).hexdigest()[:12]
+        block = RemoteFileSystem(basepath=basepath)
+        block.save(name, overwrite=True)
+        return block
+    path = Path(location.removeprefix("file://")).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,55 @@
+"""The report's Prefect artifacts: a Markdown report under a stable key (the UI keeps its history
+across runs) and a table with one row per held-out prompt. Progress artifacts are created by the
+long stages themselves (:class:`tasks.runtime.Progress`)."""
+
+from __future__ import annotations
+
+import json
+
+from tasks.results import ReportResult
+
+REPORT_KEY = "gemma-lora-report"
+PROMPTS_KEY = "gemma-lora-prompts"
+TABLE_CHARS = 300
+
+
+def publish_report(report: ReportResult) -> dict[str, str]:
+    """Create this run's report artifacts from the report's files; returns their ids."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    markdown = report.path("artifact").read_text()
+    metrics = json.loads(report.path("metrics").read_text())
+    rows = [
+        {
+            "#": r["index"] + 1,
+            "category": r["category"],
+            "prompt": _cut(r["instruction"]),
+            "reference": _cut(r["reference"]),
+            "base answer": _cut(r["base_answer"]),
+            "tuned answer": _cut(r["tuned_answer"]),
+            "ROUGE-L base": r["base_rouge_l"],
+            "ROUGE-L tuned": r["tuned_rouge_l"],
+            "EOS base": r["base_ended"],
+            "EOS tuned": r["tuned_ended"],
+        }
+        for r in metrics["prompts"]
+    ]
+    overall = metrics["overall"]
+    summary = (
+        f"ROUGE-L {_f(overall['rouge_l_f1']['base'])} → {_f(overall['rouge_l_f1']['tuned'])}, "
+        f"held-out loss {_f(overall['completion_loss']['base'])} → {_f(overall['completion_loss']['tuned'])}; "
+        f"{metrics['answers_changed']} of {metrics['num_prompts']} answers changed"
+    )
+    return {
+        "report": str(create_markdown_artifact(markdown, key=REPORT_KEY, description=summary)),
+        "prompts": str(create_table_artifact(rows, key=PROMPTS_KEY, description="one row per held-out prompt")),
+    }
+
+
+def _cut(text: str) -> str:
+    text = str(text)
+    return text if len(text) <= TABLE_CHARS else text[:TABLE_CHARS].rstrip() + " …"
+
+
+def _f(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -1,0 +1,149 @@
+"""Cache keys from content and code, and cached results that are checked before they are trusted.
+
+Prefect's default cache policy includes the flow run id, so it reuses nothing across runs. Every
+task here uses :data:`CONTENT_CACHE` instead, whose key is a hash of
+
+- the task's inputs, where an upstream stage result counts by its content hash only (not by its
+  timings or paths) and a config section by its values;
+- the task's own source (``TASK_SOURCE``), and
+- the sources of the code the task runs: the whole ``gemma_core`` package (including its sample
+  data) and this ``tasks`` package. ``TASK_SOURCE`` alone misses an edited ``gemma_core`` helper.
+
+Before a cached result is returned, :class:`ContentCache` reads the record and asks the result
+(a :class:`~tasks.results.StageResult`) whether the files it points to still exist and match their
+sha256. If not, the record is overwritten with an expired tombstone, so Prefect sees no valid cache
+entry and runs the task again.
+
+The same input hash names each stage's output directory (:func:`input_fingerprint`), so a changed
+input never finds a stale file under a fixed name.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.context import TaskRunContext
+from pydantic import BaseModel
+
+log = logging.getLogger(__name__)
+
+# Bump to invalidate every cached stage at once (e.g. after a change to how results are laid out).
+CACHE_VERSION = "1"
+_CODE_SUFFIXES = (".py", ".jsonl", ".json", ".txt", ".yaml", ".yml", ".toml")
+
+
+def _package_files(package_dir: Path) -> Iterable[Path]:
+    for path in sorted(package_dir.rglob("*")):
+        if path.is_file() and path.suffix in _CODE_SUFFIXES and "__pycache__" not in path.parts:
+            yield path
+
+
+@functools.lru_cache(maxsize=None)
+def code_hash() -> str:
+    """sha256 over the sources of ``gemma_core`` and ``tasks`` (paths and bytes), computed once per process."""
+    import gemma_core
+
+    import tasks
+
+    digest = hashlib.sha256()
+    for package in (gemma_core, tasks):
+        root = Path(package.__file__).parent
+        for path in _package_files(root):
+            digest.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\0".encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def identity(value: Any) -> Any:
+    """What of ``value`` goes into a cache key: a stage result's content hash, a config's values."""
+    cache_identity = getattr(value, "cache_identity", None)
+    if callable(cache_identity):
+        return cache_identity()
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Mapping):
+        return {str(k): identity(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [identity(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def input_fingerprint(stage: str, inputs: Mapping[str, Any]) -> str:
+    """Hash of a stage's name, inputs and code: the name of its output directory."""
+    payload = {
+        "stage": stage,
+        "cache_version": CACHE_VERSION,
+        "code": code_hash(),
+        "inputs": {k: identity(v) for k, v in sorted(inputs.items())},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class ContentCache(CachePolicy):
+    """Key = inputs (by content) + task source + package sources; a cached result must verify.
+
+    ``exclude`` names inputs that do not change the result (e.g. how often to checkpoint).
+    """
+
+    exclude: tuple[str, ...] = ()
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        source_key = TASK_SOURCE.compute_key(task_ctx, inputs, flow_parameters, **kwargs)
+        stage = task_ctx.task.fn.__qualname__ if task_ctx else "unknown"
+        kept = {k: v for k, v in inputs.items() if k not in self.exclude}
+        key = hashlib.sha256(f"{input_fingerprint(stage, kept)}:{source_key}".encode()).hexdigest()
+        _drop_if_stale(key, task_ctx)
+        return key
+
+
+CONTENT_CACHE = ContentCache()
+
+
+def _drop_if_stale(key: str, task_ctx: TaskRunContext | None) -> None:
+    """If a cached record exists for ``key`` but its files are gone or changed, expire the record."""
+    from prefect.results import get_result_store
+
+    store = get_result_store()
+    try:
+        if not store.exists(key):
+            return
+        record = store.read(key)
+    except Exception as err:  # unreadable record: Prefect will treat it as absent or fail; log why
+        log.warning("cache record %s is unreadable (%s); the task will run again", key[:12], err)
+        return
+    result = record.result
+    verify = getattr(result, "verify", None)
+    problem = verify() if callable(verify) else None
+    if problem is None:
+        return
+    name = task_ctx.task.name if task_ctx else "task"
+    _logger().warning("cached result of %s is no longer valid (%s): running it again", name, problem)
+    past = _dt.datetime(2000, 1, 1, tzinfo=_dt.timezone.utc)
+    store.write(obj=None, key=key, expiration=past)
+
+
+def _logger():
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log

@@ -1,0 +1,81 @@
+"""Stages 3 and 5: generate and score answers on the held-out prompts, for the base or the tuned model.
+
+Both use this one task with the same prompts (the head of the eval split, interleaved across
+categories), the same generation config and seeds; only ``adapter`` differs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+
+from gemma_core.atomic import atomic_write_text
+from gemma_core.config import GenerationConfig
+from tasks.caching import input_fingerprint
+from tasks.common import CACHED
+from tasks.model import load_model
+from tasks.results import DataResult, EvalResult, FileRef, ModelResult, TrainOutput
+from tasks.runtime import Progress, logger, maybe_fail, peak_rss_mb, timed
+
+EVAL_FILE = "eval.json"
+
+
+@task(name="evaluate", **CACHED)
+def evaluate(
+    which: str,
+    generation: GenerationConfig,
+    num_prompts: int,
+    sequence_length: int,
+    data: DataResult,
+    model: ModelResult,
+    out_root: str,
+    adapter: TrainOutput | None = None,
+    backend: str = "jax",
+) -> EvalResult:
+    """Answer and score the first ``num_prompts`` held-out prompts; write ``eval.json``."""
+    from gemma_core.dolly_prepare import read_split
+    from gemma_core.evaluation import evaluate_model
+
+    maybe_fail(f"evaluate-{which}")
+    if (which == "tuned") != (adapter is not None):
+        raise ValueError(f"evaluate({which!r}) needs {'an' if which == 'tuned' else 'no'} adapter")
+    fingerprint = input_fingerprint("evaluate", {
+        "which": which, "generation": generation, "num_prompts": num_prompts, "sequence_length": sequence_length,
+        "data": data, "model": model, "adapter": adapter, "backend": backend,
+    })
+    out_dir = Path(out_root) / "eval" / f"{which}-{fingerprint[:16]}"
+    with timed() as t:
+        frame = read_split(data.path("eval")).head(num_prompts)
+        if len(frame) < num_prompts:
+            logger().warning("evaluation.num_prompts=%d but the eval split holds %d rows: using all of them",
+                             num_prompts, len(frame))
+        loaded = load_model(model, adapter)
+        progress = Progress(f"generation-{which}", f"generation ({which} model)")
+        logger().info("evaluating the %s model on %d held-out prompts", which, len(frame))
+        report = evaluate_model(
+            loaded, frame, generation, sequence_length, on_batch=lambda done, total: progress.update(done, total)
+        )
+        del loaded
+        path = atomic_write_text(out_dir / EVAL_FILE, json.dumps(report.to_dict(), indent=1, sort_keys=True) + "\n")
+    overall = {k: (None if v != v else float(v)) for k, v in report.overall.items()}
+    logger().info(
+        "%s model: loss %.3f, ROUGE-L %.3f, EOS rate %.2f, %.1f new tokens/s",
+        which, report.overall["completion_loss"], report.overall["rouge_l_f1"], report.overall["eos_rate"],
+        report.new_tokens_per_second,
+    )
+    return EvalResult(
+        stage=f"evaluate-{which}",
+        fingerprint=fingerprint,
+        files={"eval": FileRef.of(path)},
+        seconds=t.seconds,
+        peak_rss_mb=peak_rss_mb(),
+        which=which,
+        overall=overall,
+        num_prompts=len(frame),
+    )
+
+
+def read_eval(result: EvalResult) -> dict:
+    return json.loads(result.path("eval").read_text())

@@ -1,0 +1,83 @@
+"""Stage 4: LoRA fine-tuning, resumable from its newest checkpoint.
+
+The output directory is named by the hash of everything that changes the adapter (train and LoRA
+config, data and model content, code), so a failed run's rerun finds its own checkpoints there
+and continues, and a changed learning rate never resumes another run's checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from gemma_core.config import LoraConfig, TrainConfig
+from tasks.caching import ContentCache, input_fingerprint
+from tasks.common import CACHED
+from tasks.model import load_model
+from tasks.results import DataResult, FileRef, ModelResult, TrainOutput
+from tasks.runtime import Progress, logger, maybe_fail, peak_rss_mb, timed
+
+# Settings that change how often checkpoints are written, never the adapter: not part of the key.
+NOT_IN_KEY = {"checkpoint_every", "keep_checkpoints"}
+
+
+def train_identity(train: TrainConfig) -> dict:
+    return train.model_dump(mode="json", exclude=NOT_IN_KEY)
+
+
+@task(name="train-lora", **{**CACHED, "cache_policy": ContentCache(exclude=("checkpointing",))})
+def train_adapter(
+    train: dict, lora: LoraConfig, data: DataResult, model: ModelResult, out_root: str, checkpointing: dict,
+    backend: str = "jax",
+) -> TrainOutput:
+    """Fine-tune the base model on the training split; write the adapter and a per-step log.
+
+    ``train`` is :func:`train_identity` of the train config (what changes the adapter);
+    ``checkpointing`` holds ``checkpoint_every`` and ``keep_checkpoints`` and is not in the key.
+    """
+    from gemma_core.dolly_prepare import read_split
+    from gemma_core.lora_train import train_lora
+
+    maybe_fail("train-lora")
+    cfg = TrainConfig(**train, **checkpointing)
+    fingerprint = input_fingerprint("train", {"train": train, "lora": lora, "data": data, "model": model,
+                                            "backend": backend})
+    out_dir = Path(out_root) / "train" / f"train-{fingerprint[:16]}"
+    with timed() as t:
+        frame = read_split(data.path("train"))
+        loaded = load_model(model)
+        progress = Progress("lora-training", "LoRA fine-tuning")
+
+        def on_step(report) -> None:
+            progress.update(report.step, report.total_steps,
+                            f"loss {report.loss:.3f}, {report.tokens_per_second:.0f} tokens/s")
+            maybe_fail("train-lora", step=report.step)
+
+        logger().info("fine-tuning on %d examples (lr %g, rank %d, batch %d, sequence length %d) in %s",
+                      len(frame), cfg.learning_rate, lora.rank, cfg.batch_size, cfg.sequence_length, out_dir)
+        result = train_lora(
+            loaded, list(frame["prompt"]), list(frame["response"]), cfg, lora, out_dir,
+            run_identity={"model_id": model.model_hash, "data_hash": data.data_hash},
+            on_step=on_step,
+        )
+        del loaded
+    if result.resumed_from_step:
+        logger().info("training resumed from its checkpoint at step %d", result.resumed_from_step)
+    tps = result.useful_tokens_per_second
+    logger().info("training done: %d steps, loss %.3f -> %.3f, %.0f useful tokens/s",
+                  result.steps, result.losses[0], result.losses[-1], tps if tps == tps else 0.0)
+    return TrainOutput(
+        stage="train-lora",
+        fingerprint=fingerprint,
+        files={"adapter": FileRef.of(result.adapter_path), "log": FileRef.of(result.log_path)},
+        seconds=t.seconds,
+        peak_rss_mb=peak_rss_mb(),
+        out_dir=str(out_dir.resolve()),
+        steps=result.steps,
+        resumed_from_step=result.resumed_from_step,
+        final_loss=result.losses[-1] if result.losses else None,
+        useful_tokens_per_second=tps if tps == tps else None,
+        learning_rate=cfg.learning_rate,
+        lora=lora.model_dump(mode="json"),
+    )
