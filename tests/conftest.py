@@ -33,6 +33,27 @@ def sample_splits(tmp_path_factory):
     return read_split(prepared.train_path), read_split(prepared.eval_path)
 
 
+# --- Prefect isolation (pipeline tests) ----------------------------------------------------------
+# Prefect reads its settings when first imported, and nothing has imported it yet: give this pytest
+# session its own PREFECT_HOME (SQLite database, default storage) in a temporary directory, so no
+# cached result leaks between sessions or from a developer's own runs, and never talk to a server
+# the developer configured. One embedded server serves the whole session (it starts on the first
+# flow run, about 15 s). Each pipeline test also gets its own output root and result storage.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="gemma-lora-test-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+for _var in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE", "GEMMA_LORA_RESULT_STORAGE", "GEMMA_LORA_FAIL_AT"):
+    os.environ.pop(_var, None)
+atexit.register(shutil.rmtree, _PREFECT_HOME, True)
+
+from flows.env import apply_defaults  # noqa: E402  (environment defaults only; imports no Prefect)
+
+apply_defaults()
+
+
 @pytest.fixture(scope="session")
 def gemma3_270m_preset():
     """The embedded Gemma 3 270M as a verified Keras preset, converted once per machine.
@@ -52,3 +73,16 @@ def gemma3_270m(gemma3_270m_preset):
     import keras_hub
 
     return keras_hub.models.CausalLM.from_preset(str(gemma3_270m_preset))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_embedded_prefect_server():
+    """Stop the session's embedded Prefect server while pytest still owns the output streams
+    (Prefect's own atexit hook would log to a closed stream)."""
+    yield
+    import sys
+
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        SubprocessASGIServer().stop()
