@@ -100,7 +100,10 @@ def gguf_sha256(path: Path, cache_dir: Path) -> str:
         return entry["sha256"]
     digest = sha256_file(path)
     memo[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-    atomic_write_text(memo_file, json.dumps(memo, indent=1, sort_keys=True))
+    try:
+        atomic_write_text(memo_file, json.dumps(memo, indent=1, sort_keys=True))
+    except OSError as err:  # a read-only cache still serves its presets; we just rehash next time
+        log.info("could not remember the GGUF's sha256 in %s: %s", memo_file, err)
     return digest
 
 
