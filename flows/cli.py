@@ -1,5 +1,5 @@
-"""``gemma-lora``: the command line. Every config field is an option (``--set section.field=value``)
-or comes from a YAML file (``--config``); the typed config validates both before any work starts.
+"""gemma-lora: the command line. Every config field is an option (--set section.field=value) or
+comes from a YAML file (--config); the typed config validates both before any work starts.
 
   gemma-lora run       run the pipeline (cached: a second identical run is all Cached)
   gemma-lora report    print the last run's report (Markdown), or its HTML/JSON, or open it
