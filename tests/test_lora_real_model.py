@@ -1,8 +1,7 @@
 """Proof on the real embedded Gemma 3 270M: a short LoRA run on the offline sample helps.
 
-24 steps at sequence length 128 and batch 4 (96 examples), learning rate 3e-4: measured on this
-machine class, the tutorial's 5e-5 barely moves the answers in so few steps, 3e-4 teaches the answer
-format and to stop. Base and tuned model are scored by the same function on the same 16 held-out
+The default run's settings: 40 steps at sequence length 128 and batch 4 (160 examples), learning
+rate 5e-4 (see the measurements beside ``TrainConfig.learning_rate``). Base and tuned model are scored by the same function on the same 16 held-out
 prompts with the same greedy settings.
 """
 
@@ -16,7 +15,7 @@ from gemma_core.evaluation import evaluate_model
 
 pytestmark = pytest.mark.slow
 
-TRAIN = TrainConfig(learning_rate=3e-4, sequence_length=128, batch_size=4, max_steps=24, checkpoint_every=12)
+TRAIN = TrainConfig(learning_rate=5e-4, sequence_length=128, batch_size=4, max_steps=40, checkpoint_every=20)
 GENERATION = GenerationConfig(max_new_tokens=48, batch_size=8)
 
 
@@ -24,7 +23,7 @@ def test_short_lora_run_lowers_held_out_loss_and_teaches_stopping(tmp_path):
     from gemma_core.lora_train import train_lora
     from gemma_core.models import resolve_model
 
-    prepared = format_dolly_to_parquet(DataConfig(train_limit=96), tmp_path / "data")
+    prepared = format_dolly_to_parquet(DataConfig(train_limit=160), tmp_path / "data")
     train, evaluation = read_split(prepared.train_path), read_split(prepared.eval_path).head(16)
 
     model = resolve_model(EMBEDDED_MODEL)
@@ -41,6 +40,6 @@ def test_short_lora_run_lowers_held_out_loss_and_teaches_stopping(tmp_path):
         "tuned": tuned.overall,
     }
     print(json.dumps(summary, indent=1))
-    assert result.steps == 24
+    assert result.steps == 40
     assert tuned.overall["completion_loss"] <= 0.9 * base.overall["completion_loss"], summary
     assert tuned.overall["eos_rate"] > base.overall["eos_rate"], summary
