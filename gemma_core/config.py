@@ -81,6 +81,10 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     seed: int = Field(0, description="seed for shuffling and adapter initialisation")
     checkpoint_every: int = Field(8, ge=1, description="save a resumable checkpoint every N steps")
+    bucketing: bool = Field(True, description="batch examples of similar length in a few fixed shapes "
+                            "(false: pad every example to sequence_length, the plain keras-hub path)")
+    response_only_head: bool = Field(True, description="compute the output head only at response tokens, "
+                                     "where the loss is (false: on every position, the plain path)")
     keep_checkpoints: int = Field(2, ge=1, le=100, description="how many recent checkpoints to keep")
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import keras
 import keras_hub
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import pytest
 from gemma_core.checkpoints import CheckpointMismatchError
 from gemma_core.config import LoraConfig, TrainConfig
 from gemma_core.encoding import SequenceTooShortError
-from gemma_core.lora_train import EmptyTrainingSetError, batch_indices, total_steps, train_lora
+from gemma_core.batching import plan_epoch
+from gemma_core.lora_train import EmptyTrainingSetError, train_lora
 
 IDENTITY = {"model_id": "tiny", "data_hash": "d1"}
 CFG = TrainConfig(max_steps=6, epochs=3, batch_size=2, sequence_length=64, learning_rate=1e-2, checkpoint_every=3)
@@ -24,16 +26,53 @@ def examples(sample_splits, n=10):
     return list(train["prompt"][:n]), list(train["response"][:n])
 
 
-def test_batches_cover_each_epoch_once_with_fixed_shape():
-    seen = []
-    for step in range(4):  # 7 examples, batch 2: 4 steps per epoch
-        chosen, real = batch_indices(7, 2, seed=0, step=step)
-        assert len(chosen) == 2
-        seen.extend(chosen[:real])
-    assert sorted(seen) == list(range(7))
-    assert not np.array_equal(batch_indices(7, 2, 0, 0)[0], batch_indices(7, 2, 0, 4)[0])  # reshuffled
-    assert total_steps(7, TrainConfig(batch_size=2, epochs=3)) == 12
-    assert total_steps(7, TrainConfig(batch_size=2, epochs=3, max_steps=5)) == 5
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_each_epoch_covers_every_example_once_in_few_shapes(bucketed):
+    rng = np.random.default_rng(0)
+    total = rng.integers(10, 256, size=23)
+    response = np.minimum(total - 5, rng.integers(1, 40, size=23))
+    seen, shapes = [], set()
+    plan = plan_epoch(total, response, 4, 256, seed=0, epoch=0, bucketed=bucketed)
+    for batch in plan:
+        assert len(batch.indices) == 4
+        assert total[batch.indices[: batch.real]].max() <= batch.length
+        assert response[batch.indices[: batch.real]].max() <= batch.slots <= batch.length
+        seen.extend(batch.indices[: batch.real])
+        shapes.add((batch.length, batch.slots))
+    assert sorted(seen) == list(range(23))
+    assert len(shapes) <= (3 if bucketed else 1)
+    again = plan_epoch(total, response, 4, 256, seed=0, epoch=0, bucketed=bucketed)
+    assert all(np.array_equal(a.indices, b.indices) for a, b in zip(plan, again))
+    next_epoch = plan_epoch(total, response, 4, 256, seed=0, epoch=1, bucketed=bucketed)
+    assert not all(np.array_equal(a.indices, b.indices) for a, b in zip(plan, next_epoch))
+
+
+def test_fast_and_plain_paths_give_the_same_loss_on_the_same_batch(tiny_preset, sample_splits):
+    """Bucket slicing and the response-only head are exact: same batch, same loss and gradients' effect."""
+    from gemma_core.batching import PlannedBatch
+    from gemma_core.encoding import encode_examples
+    from gemma_core.lora_train import compile_for_training, enable_lora, step_arrays
+    from gemma_core.response_head import ResponseOnlyLM
+
+    prompts, responses = examples(sample_splits, 4)
+    losses, weights = [], []
+    for fast in (False, True):
+        model = keras_hub.models.CausalLM.from_preset(str(tiny_preset))
+        keras.utils.set_random_seed(0)  # the same adapter initialisation for both paths
+        enable_lora(model, LoraConfig())
+        encoded = encode_examples(model.preprocessor, prompts, responses, 128)
+        length = int(encoded.padding_mask.sum(axis=1).max()) if fast else 128
+        slots = int((encoded.sample_weight > 0).sum(axis=1).max()) if fast else 128
+        planned = PlannedBatch(np.arange(4), 4, length, slots)
+        trainer = ResponseOnlyLM(model.backbone) if fast else model
+        compile_for_training(trainer, CFG)
+        model.preprocessor = None
+        x, y, w = step_arrays(encoded, planned, response_only=fast)
+        losses.append([float(trainer.train_on_batch(x, y, w, return_dict=True)["loss"]) for _ in range(2)])
+        weights.append([np.asarray(v) for v in model.backbone.trainable_weights])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_training_changes_only_the_adapter_and_logs_every_step(tiny_model, sample_splits, tmp_path):
