@@ -181,6 +181,7 @@ def train_lora(
         losses.append(loss)
         report = StepReport(step + 1, steps, loss, tokens / seconds, seconds)
         _append_log(log_path, {"step": step + 1, "loss": loss, "useful_tokens": tokens,
+                               "response_tokens": int((batch[2][: planned.real] > 0).sum()),
                                "tokens_per_second": round(tokens / seconds, 2), "seconds": round(seconds, 3)})
         if on_step:
             on_step(report)

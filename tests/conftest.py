@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+import gemma_core  # noqa: E402,F401  (sets the backend defaults before any test imports Keras)
 import pytest  # noqa: E402
 
 
