@@ -51,13 +51,13 @@ def code_hash() -> str:
     """sha256 over the sources of ``gemma_core`` and ``tasks`` (paths and bytes), computed once per process."""
     import gemma_core
 
-    import tasks
-
     digest = hashlib.sha256()
-    for package in (gemma_core, tasks):
-        root = Path(package.__file__).parent
+    # From __file__, not the package objects: an install can expose a package as a namespace
+    # package (no __file__).
+    roots = {"gemma_core": Path(gemma_core.__file__).resolve().parent, "tasks": Path(__file__).resolve().parent}
+    for name, root in roots.items():
         for path in _package_files(root):
-            digest.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\0".encode())
+            digest.update(f"{name}/{path.relative_to(root).as_posix()}\0".encode())
             digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
 
