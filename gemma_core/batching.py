@@ -3,10 +3,11 @@
 Two plans:
 
 * ``padded`` (the plain keras-hub path): every batch is ``sequence_length`` long, shuffled freely.
-* ``bucketed``: each example goes to the shortest length bucket that holds it (a quarter, half or
-  all of ``sequence_length``), batches are drawn within a bucket, and batch order is shuffled. Dolly
-  examples are mostly far shorter than the sequence length, so this skips most of the padding,
-  while the shapes stay few (one compilation per bucket, not per batch).
+* ``bucketed``: each example goes to the shortest length bucket that holds it, batches are drawn
+  within a bucket, and batch order is shuffled. Bucket lengths sit at quantiles of the data's own
+  lengths (at most four, multiples of 32): Dolly examples are mostly far shorter than the sequence
+  length, so this skips most of the padding while the shapes stay few (one compilation per bucket,
+  not per batch).
 
 Each bucket also fixes how many response slots a batch carries (the longest response in the
 bucket, rounded up), for :mod:`gemma_core.response_head`.
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MIN_BUCKET = 64
+LENGTH_MULTIPLE = 32
+BUCKET_QUANTILES = (0.35, 0.65, 0.9, 1.0)
 SLOT_MULTIPLE = 16
 
 
@@ -34,9 +36,10 @@ class PlannedBatch:
     slots: int  # response positions per row (for the response-only head)
 
 
-def bucket_lengths(sequence_length: int) -> list[int]:
-    candidates = {sequence_length // 4, sequence_length // 2, sequence_length}
-    return sorted(c for c in candidates if c >= min(MIN_BUCKET, sequence_length))
+def bucket_lengths(total_lengths: np.ndarray, sequence_length: int) -> list[int]:
+    """Up to four row lengths at quantiles of the examples' lengths, rounded up to a multiple of 32."""
+    quantiles = np.quantile(total_lengths, BUCKET_QUANTILES)
+    return sorted({min(sequence_length, LENGTH_MULTIPLE * math.ceil(q / LENGTH_MULTIPLE)) for q in quantiles})
 
 
 def plan_epoch(
@@ -51,7 +54,7 @@ def plan_epoch(
     rng = np.random.default_rng([seed, epoch])
     if not bucketed:
         return _chunk(rng.permutation(len(total_lengths)), batch_size, sequence_length, sequence_length)
-    lengths = bucket_lengths(sequence_length)
+    lengths = bucket_lengths(total_lengths, sequence_length)
     assignment = np.searchsorted(lengths, total_lengths, side="left").clip(max=len(lengths) - 1)
     batches: list[PlannedBatch] = []
     for bucket, length in enumerate(lengths):

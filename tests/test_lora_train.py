@@ -40,7 +40,7 @@ def test_each_epoch_covers_every_example_once_in_few_shapes(bucketed):
         seen.extend(batch.indices[: batch.real])
         shapes.add((batch.length, batch.slots))
     assert sorted(seen) == list(range(23))
-    assert len(shapes) <= (3 if bucketed else 1)
+    assert len(shapes) <= (4 if bucketed else 1)
     again = plan_epoch(total, response, 4, 256, seed=0, epoch=0, bucketed=bucketed)
     assert all(np.array_equal(a.indices, b.indices) for a, b in zip(plan, again))
     next_epoch = plan_epoch(total, response, 4, 256, seed=0, epoch=1, bucketed=bucketed)
