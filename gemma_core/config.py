@@ -50,7 +50,14 @@ class DataConfig(_Section):
     def _source_form(cls, value: str) -> str:
         if not value.strip():
             raise ValueError(f"must be '{SAMPLE_SOURCE}', an hf:// dataset or a local file path")
-        return value
+        return _no_nul(value)
+
+
+def _no_nul(value):
+    """Paths reach the OS, which cannot take a NUL character: refuse it here, naming the field."""
+    if value is not None and "\x00" in str(value):
+        raise ValueError("contains a NUL character (\\x00), which no file path can hold")
+    return value
 
 
 class ModelConfig(_Section):
@@ -60,6 +67,8 @@ class ModelConfig(_Section):
         "hf://org/name, or a local Keras preset directory",
     )
     cache_dir: Path | None = Field(None, description="where converted models are cached (user cache dir if unset)")
+
+    _paths = field_validator("spec", "cache_dir")(_no_nul)
 
 
 class LoraConfig(_Section):
@@ -105,6 +114,8 @@ class EvalConfig(_Section):
 
 class OutputConfig(_Section):
     root: Path = Field(Path("runs"), description="where run outputs (Parquet, adapters, reports) land")
+
+    _paths = field_validator("root")(_no_nul)
 
 
 class PipelineConfig(_Section):
@@ -165,6 +176,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply to be a config") from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"config file {path} holds a value that cannot be read: {err}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -178,7 +193,7 @@ def _split_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} must look like section.field=value, e.g. train.learning_rate=1e-4")
     try:
         value = yaml.safe_load(raw) if raw.strip() else raw
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # kept as text: validation names the field
         value = raw
     return key.strip(), value
 

@@ -103,7 +103,10 @@ def clean_dolly_records(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, in
     dropped = dict.fromkeys(DROP_REASONS, 0)
     frame = frame.copy()
     frame["context"] = frame["context"].map(lambda v: "" if _is_missing(v) else v)
-    frame["category"] = frame["category"].map(lambda v: "unknown" if _is_missing(v) or v == "" else v)
+    # isinstance first: a list-valued cell (Parquet) compared with "" would give an array, not a bool.
+    frame["category"] = frame["category"].map(
+        lambda v: "unknown" if _is_missing(v) or (isinstance(v, str) and v == "") else v
+    )
 
     is_str = frame[list(DOLLY_COLUMNS)].map(lambda v: isinstance(v, str) or _is_missing(v))
     missing_instruction = frame["instruction"].map(_is_blank)
@@ -143,21 +146,29 @@ def read_prepared(out_dir: str | Path) -> PreparedData:
     manifest_path = out_dir / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{manifest_path} is missing or unreadable ({err})") from None
-    for name, expected in manifest["sha256"].items():
-        path = out_dir / name
-        if not path.is_file() or sha256_file(path) != expected:
-            raise ValueError(f"{path} is missing or does not match its recorded sha256")
-    return PreparedData(
-        train_path=out_dir / "train.parquet",
-        eval_path=out_dir / "eval.parquet",
-        content_hash=manifest["content_hash"],
-        source=manifest["source"],
-        is_sample=manifest["is_sample"],
-        counts=manifest["counts"],
-        dropped=manifest["dropped"],
-    )
+    try:
+        checksums = manifest["sha256"]
+        # Both splits must be covered: a manifest damaged into valid JSON must not vouch for nothing.
+        unlisted = {"train.parquet", "eval.parquet"} - set(checksums)
+        if unlisted:
+            raise ValueError(f"{manifest_path} records no sha256 for {', '.join(sorted(unlisted))}")
+        for name, expected in checksums.items():
+            path = out_dir / name
+            if not path.is_file() or sha256_file(path) != expected:
+                raise ValueError(f"{path} is missing or does not match its recorded sha256")
+        return PreparedData(
+            train_path=out_dir / "train.parquet",
+            eval_path=out_dir / "eval.parquet",
+            content_hash=manifest["content_hash"],
+            source=manifest["source"],
+            is_sample=manifest["is_sample"],
+            counts=manifest["counts"],
+            dropped=manifest["dropped"],
+        )
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{manifest_path} is not a data manifest (damaged: {type(err).__name__} {err})") from None
 
 
 def read_split(path: str | Path) -> pd.DataFrame:

@@ -82,9 +82,10 @@ def _parse(data: bytes, path: Path) -> pd.DataFrame:
             frame = _parse_jsonl(text, path)
     missing = [c for c in DOLLY_COLUMNS if c not in frame.columns]
     if missing:
+        found = frame.attrs.get("found_columns", list(frame.columns))
         raise DataSourceError(
             f"data file {path} is not Dolly-shaped: missing column(s) {', '.join(missing)}; "
-            f"found {', '.join(map(str, frame.columns)) or 'none'}; "
+            f"found {', '.join(map(str, found)) or 'none'}; "
             f"expected {', '.join(DOLLY_COLUMNS)}"
         )
     if frame.empty:
@@ -94,7 +95,7 @@ def _parse(data: bytes, path: Path) -> pd.DataFrame:
 
 def _decode_utf8(data: bytes, path: Path) -> str:
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")  # a BOM, as Windows editors write it
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise DataSourceError(
@@ -104,20 +105,21 @@ def _decode_utf8(data: bytes, path: Path) -> str:
 
 
 def _parse_jsonl(text: str, path: Path) -> pd.DataFrame:
-    records = []
+    records, found = [], {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"data file {path}, line {number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataSourceError(f"data file {path}, line {number}: broken JSON line ({err.msg})") from None
+            raise DataSourceError(f"{where}: broken JSON line ({err.msg})") from None
+        except RecursionError:
+            raise DataSourceError(f"{where}: JSON nested too deeply to be a Dolly record") from None
         if not isinstance(record, dict):
-            raise DataSourceError(
-                f"data file {path}, line {number}: expected a JSON object, got {type(record).__name__}"
-            )
-        records.append(record)
-    return pd.DataFrame.from_records(records)
+            raise DataSourceError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        records.append(_dolly_fields(record, where, found))
+    return _frame(records, found)
 
 
 def _parse_json_array(text: str, path: Path) -> pd.DataFrame:
@@ -125,10 +127,39 @@ def _parse_json_array(text: str, path: Path) -> pd.DataFrame:
         records = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataSourceError(f"data file {path}, line {err.lineno}: broken JSON ({err.msg})") from None
+    except RecursionError:
+        raise DataSourceError(f"data file {path}: JSON nested too deeply to hold Dolly records") from None
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if bad is not None:
         raise DataSourceError(f"data file {path}: item {bad} of the JSON array is not an object")
-    return pd.DataFrame.from_records(records)
+    found: dict[str, None] = {}
+    return _frame([_dolly_fields(r, f"data file {path}, item {i}", found) for i, r in enumerate(records)], found)
+
+
+def _dolly_fields(record: dict, where: str, found: dict[str, None]) -> dict:
+    """The Dolly fields of one record. Other keys are ignored (only remembered, for the error that
+    lists the columns found): a frame of every unknown key would grow with rows x distinct keys."""
+    picked = {key: record[key] for key in DOLLY_COLUMNS if key in record}
+    found.update(dict.fromkeys(picked))
+    if len(found) < 50:
+        found.update(dict.fromkeys(record))
+    for key, value in picked.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise DataSourceError(
+                    f"{where}: field {key!r} holds an unpaired surrogate escape "
+                    f"({value[err.start:err.end].encode('unicode_escape').decode()}): not valid Unicode text; "
+                    "fix or remove that record"
+                ) from None
+    return picked
+
+
+def _frame(records: list[dict], found: dict[str, None]) -> pd.DataFrame:
+    frame = pd.DataFrame.from_records(records, columns=[c for c in DOLLY_COLUMNS if c in found])
+    frame.attrs["found_columns"] = list(found)
+    return frame
 
 
 def _parse_csv(text: str, path: Path) -> pd.DataFrame:
@@ -145,9 +176,11 @@ def _parse_parquet(data: bytes, path: Path) -> pd.DataFrame:
 
     try:
         table = pq.read_table(io.BytesIO(data))
-    except (pa.ArrowException, OSError) as err:
+        table.validate(full=True)  # e.g. a string column holding bytes that are not UTF-8
+        # Converting can fail too (out-of-range timestamps).
+        return table.to_pandas(types_mapper=None)
+    except (pa.ArrowException, OSError, ValueError) as err:
         raise DataSourceError(f"data file {path}: not a readable Parquet file ({err})") from None
-    return table.to_pandas(types_mapper=None)
 
 
 def _download_from_hub(source: str) -> Path:
