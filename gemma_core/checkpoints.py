@@ -103,13 +103,21 @@ def restore_optimizer(optimizer, checkpoint: Checkpoint) -> None:
 def _verify(path: Path) -> str | None:
     try:
         manifest = json.loads((path / MANIFEST_FILE).read_text())
-        for name, expected in manifest["sha256"].items():
+        checksums = manifest["sha256"]
+        # A manifest damaged into valid JSON must not vouch for files it does not list.
+        unlisted = {ADAPTER_FILE, OPTIMIZER_FILE} - set(checksums)
+        if unlisted:
+            return f"{MANIFEST_FILE} is damaged: it records no sha256 for {', '.join(sorted(unlisted))}"
+        if not (isinstance(manifest["step"], int) and isinstance(manifest["identity"], dict)
+                and isinstance(manifest["losses"], list)):
+            return f"{MANIFEST_FILE} is damaged: no valid step, identity or losses"
+        for name, expected in checksums.items():
             if not (path / name).is_file():
                 return f"{name} is missing"
             if sha256_file(path / name) != expected:
                 return f"{name} does not match its recorded sha256 (corrupted or truncated)"
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"{MANIFEST_FILE} is missing or unreadable ({err})"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{MANIFEST_FILE} is missing or unreadable ({type(err).__name__}: {err})"
     return None
 
 

@@ -284,7 +284,9 @@ def verify_manifest(preset_dir: Path) -> list[str]:
     problems = []
     for name, expected in manifest["files"].items():
         path = preset_dir / name
-        if not path.is_file():
+        if not isinstance(expected, dict) or not {"size", "sha256"} <= expected.keys():
+            problems.append(f"{name}: the manifest's entry is damaged ({expected!r:.60})")
+        elif not path.is_file():
             problems.append(f"{name}: missing")
         elif path.stat().st_size != expected["size"]:
             problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {expected['size']} (partial write?)")
