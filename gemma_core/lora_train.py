@@ -169,6 +169,7 @@ def train_lora(
     steps = schedule.total_steps
     end_step = min(steps, start_step + stop_after_steps) if stop_after_steps else steps
     useful_tokens, train_seconds = 0, 0.0
+    run_started = time.perf_counter()
     for step in range(start_step, end_step):
         planned = schedule.batch(step)
         batch = step_arrays(examples, planned, cfg.response_only_head)
@@ -182,7 +183,9 @@ def train_lora(
         report = StepReport(step + 1, steps, loss, tokens / seconds, seconds)
         _append_log(log_path, {"step": step + 1, "loss": loss, "useful_tokens": tokens,
                                "response_tokens": int((batch[2][: planned.real] > 0).sum()),
-                               "tokens_per_second": round(tokens / seconds, 2), "seconds": round(seconds, 3)})
+                               "shape": [planned.length, planned.slots],
+                               "tokens_per_second": round(tokens / seconds, 2), "seconds": round(seconds, 3),
+                               "elapsed_s": round(time.perf_counter() - run_started, 3)})
         if on_step:
             on_step(report)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
