@@ -12,7 +12,7 @@ from flows.storage import make_result_storage, result_storage_location
 from gemma_core.config import validate_config
 from tasks.caching import input_fingerprint
 from tasks.common import CACHED
-from tasks.model import load_model
+from tasks.model import load_model, release
 from tasks.results import FileRef, ModelResult, StageResult, TrainOutput
 from tasks.runtime import logger, peak_rss_mb, timed
 
@@ -31,6 +31,8 @@ def export_model(model: ModelResult, adapter: TrainOutput, out_root: str, backen
     with timed() as t:
         loaded = load_model(model, adapter)
         paths = export_all(loaded, out_dir)
+        del loaded
+        release()
     files = {str(p.relative_to(out_dir)): FileRef.of(p) for p in sorted(out_dir.rglob("*")) if p.is_file()}
     logger().info("exported the tuned model to %s", out_dir)
     return ExportResult(

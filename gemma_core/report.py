@@ -182,6 +182,15 @@ def training_curve_png(losses: Sequence[float], dpi: int = 90) -> bytes:
     return buffer.getvalue()
 
 
+def curve_caption(losses: Sequence[float]) -> str:
+    """First vs last quarter of the steps: one step's loss depends on its batch, a quarter's mean less so."""
+    n = max(1, len(losses) // 4)
+    first, last = sum(losses[:n]) / n, sum(losses[-n:]) / n
+    span = "step 1" if n == 1 else f"steps 1-{n}"
+    end = f"step {len(losses)}" if n == 1 else f"steps {len(losses) - n + 1}-{len(losses)}"
+    return f"{len(losses)} steps; mean loss {_fmt(first)} over {span} → {_fmt(last)} over {end}"
+
+
 def sparkline(values: Sequence[float], width: int = 48) -> str:
     """A one-line text picture of the curve, for places that cannot show images."""
     if not values:
@@ -248,10 +257,7 @@ def render_markdown(report: Report, curve_src: str | None) -> str:
     if curve_src:
         out += [f"![training loss per step]({curve_src})", ""]
     if losses:
-        out += [
-            f"`{sparkline(losses)}` loss {_fmt(losses[0])} at step 1 → {_fmt(losses[-1])} at step {len(losses)}",
-            "",
-        ]
+        out += [f"`{sparkline(losses)}` {curve_caption(losses)}", ""]
     else:
         out += ["(no training steps)", ""]
 
@@ -371,8 +377,7 @@ def render_html(report: Report, curve_png: bytes | None) -> str:
         encoded = base64.b64encode(curve_png).decode("ascii")
         parts.append(f'<img alt="training loss per step" src="data:image/png;base64,{encoded}">')
     if report.losses:
-        parts.append(f"<p>loss {_fmt(report.losses[0])} at step 1 → {_fmt(report.losses[-1])} at step "
-                     f"{len(report.losses)}</p>")
+        parts.append(f"<p>{e(curve_caption(report.losses))}</p>")
 
     parts.append(f"<h2>{REPORT_SECTIONS[4]}</h2><table>")
     for key, value in _flatten(manifest, skip=("config",)):

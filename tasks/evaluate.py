@@ -15,7 +15,7 @@ from gemma_core.atomic import atomic_write_text
 from gemma_core.config import GenerationConfig
 from tasks.caching import input_fingerprint
 from tasks.common import CACHED
-from tasks.model import load_model
+from tasks.model import load_model, release
 from tasks.results import DataResult, EvalResult, FileRef, ModelResult, TrainOutput
 from tasks.runtime import Progress, logger, maybe_fail, peak_rss_mb, timed
 
@@ -58,6 +58,7 @@ def evaluate(
             loaded, frame, generation, sequence_length, on_batch=lambda done, total: progress.update(done, total)
         )
         del loaded
+        release()
         path = atomic_write_text(out_dir / EVAL_FILE, json.dumps(report.to_dict(), indent=1, sort_keys=True) + "\n")
     overall = {k: (None if v != v else float(v)) for k, v in report.overall.items()}
     logger().info(

@@ -14,7 +14,7 @@ from prefect import task
 from gemma_core.config import LoraConfig, TrainConfig
 from tasks.caching import ContentCache, input_fingerprint
 from tasks.common import CACHED
-from tasks.model import load_model
+from tasks.model import load_model, release
 from tasks.results import DataResult, FileRef, ModelResult, TrainOutput
 from tasks.runtime import Progress, logger, maybe_fail, peak_rss_mb, timed
 
@@ -62,6 +62,7 @@ def train_adapter(
             on_step=on_step,
         )
         del loaded
+        release()
     if result.resumed_from_step:
         logger().info("training resumed from its checkpoint at step %d", result.resumed_from_step)
     tps = result.useful_tokens_per_second

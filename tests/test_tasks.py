@@ -12,7 +12,7 @@ def test_prepare_data_result_points_to_verified_files(tmp_path):
     from tasks.data import prepare_data, source_fingerprint
 
     result = prepare_data.fn(DataConfig(), str(tmp_path), source_fingerprint("sample"))
-    assert result.verify() is None and result.is_sample and result.counts["train"] == 96
+    assert result.verify() is None and result.is_sample and result.counts["train"] == DataConfig().train_limit
     assert result.path("train").parent.name == f"data-{result.data_hash}"
     train = result.path("train")
     train.write_bytes(train.read_bytes() + b"x")
