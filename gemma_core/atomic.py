@@ -7,12 +7,62 @@ Everything is written to a temporary sibling, flushed to disk, then renamed over
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+
+# The device or the user's quota is full: the write cannot succeed until space is freed.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+# fsync errors that mean the data did not reach the disk (others, such as EINVAL on a directory of a
+# file system that cannot sync directories, are harmless).
+_LOST = (*_FULL, errno.EIO)
+
+
+class DiskFullError(OSError):
+    """No space left while writing a file or directory; the message names it, and whatever was at that
+    path before is untouched (the write went to a temporary sibling that is removed again)."""
+
+
+def _name_full_disk(err: Exception, target: Path) -> Exception:
+    """``err`` itself, or, for a full disk, a :class:`DiskFullError` that names ``target`` and the space left
+    (a bare ENOSPC from ``write`` names no file). HDF5 (Keras weights through h5py) reports a full disk
+    as a RuntimeError whose text carries the errno, so that text counts too."""
+    if isinstance(err, DiskFullError):
+        return err
+    if isinstance(err, OSError):
+        code = err.errno if err.errno in _FULL else None
+    else:
+        text = str(err)
+        code = next((c for c in _FULL if f"errno = {c}," in text or os.strerror(c) in text), None)
+    if code is None:
+        return err
+    try:
+        room = f"{shutil.disk_usage(target.parent).free / 2**20:.1f} MiB free there"
+    except OSError:
+        room = "free space unknown"
+    cause = " ".join(str(err).split())[:300]
+    return DiskFullError(
+        code,
+        f"{os.strerror(code)} while writing {target} ({room}); anything already at that path is "
+        f"untouched: free some space and rerun (cause: {type(err).__name__}: {cause})",
+        str(target),
+    )
+
+
+@contextlib.contextmanager
+def _naming_full_disk(target: Path) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        named = _name_full_disk(err, target)
+        if named is err:
+            raise
+        raise named from err
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -37,14 +87,16 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    with _naming_full_disk(target):
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        _fsync_path(tmp)
-        os.replace(tmp, target)
-        _fsync_path(target.parent)
+        with _naming_full_disk(target):
+            yield tmp
+            _fsync_path(tmp)
+            os.replace(tmp, target)
+            _fsync_path(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -70,27 +122,29 @@ def atomic_directory(target: str | os.PathLike, replace: bool = False) -> Iterat
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    with _naming_full_disk(target):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        yield tmp
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                _fsync_path(path)
-        if replace and target.exists():
-            old = target.with_name(f".{target.name}.{os.getpid()}.old")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                os.rename(tmp, target)  # fails if target exists and is non-empty
-            except OSError:
-                if not target.exists():
-                    raise
-                # Another writer published the same content-addressed directory first: keep
-                # theirs. Directories only appear here by rename, so an existing one is complete;
-                # callers that find one corrupted delete it before rebuilding.
-        _fsync_path(target.parent)
+        with _naming_full_disk(target):
+            yield tmp
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    _fsync_path(path)
+            if replace and target.exists():
+                old = target.with_name(f".{target.name}.{os.getpid()}.old")
+                os.rename(target, old)
+                os.rename(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                try:
+                    os.rename(tmp, target)  # fails if target exists and is non-empty
+                except OSError:
+                    if not target.exists():
+                        raise
+                    # Another writer published the same content-addressed directory first: keep
+                    # theirs. Directories only appear here by rename, so an existing one is complete;
+                    # callers that find one corrupted delete it before rebuilding.
+            _fsync_path(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -104,7 +158,8 @@ def _fsync_path(path: Path) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as err:
+        if err.errno in _LOST:  # the bytes did not reach the disk: never publish the file as complete
+            raise
     finally:
         os.close(fd)

@@ -11,6 +11,7 @@ so the step number is the whole "data position and RNG state" needed to resume e
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from gemma_core.atomic import atomic_directory, sha256_file
+from gemma_core.atomic import DiskFullError, atomic_directory, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def save_checkpoint(
     ckpt_root: Path, step: int, backbone, optimizer, identity: dict[str, Any], losses: list[float], keep: int
 ) -> Checkpoint:
     target = ckpt_root / f"step-{step:08d}"
+    _check_room(target, backbone, optimizer)
     with atomic_directory(target) as tmp:
         backbone.save_lora_weights(str(tmp / ADAPTER_FILE))
         values = {f"v{i:04d}": np.asarray(v) for i, v in enumerate(optimizer.variables)}
@@ -73,6 +75,23 @@ def save_checkpoint(
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     _prune(ckpt_root, keep)
     return Checkpoint(target, step, manifest)
+
+
+def _check_room(target: Path, backbone, optimizer) -> None:
+    """Refuse to start a checkpoint that cannot fit. HDF5 (Keras' weight files) copes badly with a disk
+    that fills in the middle of a file: the write fails, and the process can later crash (a segfault
+    when h5py closes the half-written file); checking first turns the common case into a clear error."""
+    variables = [*optimizer.variables, *backbone.trainable_weights]
+    needed = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables) + (256 << 10)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(target.parent).free
+    if free < needed:
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"not enough space to write checkpoint {target}: it needs about {needed >> 10} KiB, "
+            f"{free >> 10} KiB are free; the previous checkpoints are untouched: free some space and rerun",
+            str(target),
+        )
 
 
 def latest_valid_checkpoint(ckpt_root: Path, identity: dict[str, Any]) -> Checkpoint | None:

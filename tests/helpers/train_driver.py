@@ -19,6 +19,12 @@ The training data are fixed synthetic prompt/response pairs, so every run trains
 - ``after-ckpt:N``: checkpoint N published (and older ones pruned), step N+1 not started;
 - ``final-write:0``: ``.partial-adapter.lora.h5`` written, not yet renamed to ``adapter.lora.h5``.
 
+``RELIABILITY_FILL=<step>:<bytes>:<dir>`` fills the file system of ``<dir>`` right after checkpoint
+``<step>`` is published, leaving ``<bytes>`` free, and training goes on into the full disk. Any
+exception ends the process with an ``error`` event (type and message) and exit status 1.
+``RELIABILITY_SKIP_ROOM_CHECK=1`` disables gemma_core's free-space check before a checkpoint, so the
+checkpoint write itself runs into the full disk (inside HDF5).
+
 The pauses wrap functions that gemma_core calls (patched in this process only); gemma_core is not
 changed, and the kill is a real SIGKILL from the test.
 """
@@ -94,6 +100,12 @@ def install_pause_points() -> None:
     def save_checkpoint(ckpt_root, step, *args, **kwargs):
         checkpoint = original_save_checkpoint(ckpt_root, step, *args, **kwargs)
         pause_if("after-ckpt", step, path=str(checkpoint.path))
+        fill_at = os.environ.get("RELIABILITY_FILL", "")
+        if fill_at:
+            at, leave, where = fill_at.split(":", 2)
+            if int(at) == step:
+                fill_disk(Path(where), int(leave))
+                emit(event="disk-filled", step=step, leave=int(leave))
         return checkpoint
 
     backbone_cls = keras_hub.models.Gemma3Backbone
@@ -108,10 +120,28 @@ def install_pause_points() -> None:
             pause_if("ckpt-write", int(path.parent.name.split(".")[1].removeprefix("step-")), path=str(path))
         return result
 
+    if os.environ.get("RELIABILITY_SKIP_ROOM_CHECK") == "1":
+        import gemma_core.checkpoints as checkpoints
+
+        checkpoints._check_room = lambda *args, **kwargs: None
     lora_train._train_step = train_step
     lora_train.save_checkpoint = save_checkpoint
     backbone_cls.save_lora_weights = save_lora_weights
     return step_counter
+
+
+def fill_disk(where: Path, leave: int) -> None:
+    import errno
+
+    filler = where / "filler.bin"
+    with open(filler, "ab", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
 
 
 class _ResumeEvents(logging.Handler):
@@ -164,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     import gemma_core.lora_train as lora_train
 
     lora_train.latest_valid_checkpoint = latest
-    result = train_lora(model, *examples(), cfg, LoraConfig(), args.out_dir, IDENTITY, on_step=on_step)
+    try:
+        result = train_lora(model, *examples(), cfg, LoraConfig(), args.out_dir, IDENTITY, on_step=on_step)
+    except Exception as err:
+        emit(event="error", type=type(err).__name__, message=str(err), errno=getattr(err, "errno", None))
+        return 1
     emit(event="done", steps=result.steps, resumed_from_step=result.resumed_from_step, losses=result.losses,
          adapter=str(result.adapter_path))
     return 0
