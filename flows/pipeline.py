@@ -20,9 +20,9 @@ from prefect.runtime import flow_run
 
 from flows.stages import StageRunner, select_backend
 from flows.storage import make_result_storage, result_storage_location
-from flows.training import lora_training_flow
+from flows.training import run_training
 from gemma_core.atomic import atomic_write_text
-from gemma_core.config import validate_config
+from gemma_core.config import PipelineConfig, validate_config
 from tasks.artifacts import publish_report
 from tasks.data import prepare_data, source_fingerprint
 from tasks.evaluate import evaluate
@@ -33,9 +33,21 @@ LATEST = Path("reports") / "latest.json"  # under output.root: what `gemma-lora 
 
 
 @flow(name="gemma-lora-pipeline")
-def gemma_lora_pipeline(config: dict[str, Any] | None = None, result_storage: str | None = None) -> dict[str, Any]:
-    """Fine-tune and compare: ``config`` holds any config sections (defaults for the rest);
-    ``result_storage`` is where cached results persist (a path or fsspec URL)."""
+def gemma_lora_pipeline(
+    config: PipelineConfig = PipelineConfig(),
+    result_storage: str | None = None,
+    training_deployment: str | None = None,
+) -> dict[str, Any]:
+    """Fine-tune Gemma with LoRA and compare the tuned model with the base model.
+
+    Args:
+        config: the typed config (any sections; defaults for the rest). Typed, so a deployment's
+            run form shows every field with its default and refuses a wrong value.
+        result_storage: where cached results persist: a directory or fsspec URL (default
+            $GEMMA_LORA_RESULT_STORAGE, else <output.root>/prefect-results).
+        training_deployment: run fine-tuning as a run of this deployment (e.g. "lora-training/gpu",
+            on the GPU work pool) and wait for it; empty: fine-tune in this process.
+    """
     cfg = validate_config(config or {})
     select_backend(cfg.backend)
     config_json = cfg.model_dump(mode="json")
@@ -48,7 +60,7 @@ def gemma_lora_pipeline(config: dict[str, Any] | None = None, result_storage: st
     model = stages.run(resolve_model_preset, cfg.model, spec_fingerprint(cfg.model.spec))
     base = stages.run(evaluate, "base", gen, ev.num_prompts, cfg.train.sequence_length, data, model, out_root,
                       backend=cfg.backend, name="evaluate-base")
-    training = lora_training_flow(config=config_json, data=data, model=model, result_storage=location)
+    training = run_training(config_json, data, model, location, deployment=training_deployment)
     stages.states.update(training.states)
     tuned = stages.run(evaluate, "tuned", gen, ev.num_prompts, cfg.train.sequence_length, data, model, out_root,
                        adapter=training.output, backend=cfg.backend, name="evaluate-tuned")
