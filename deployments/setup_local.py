@@ -1,0 +1,312 @@
+"""Set up gemma-lora-flow's deployments on one machine, in one command:
+
+    .venv/bin/python deployments/setup_local.py
+
+1. uses the Prefect server in PREFECT_API_URL, or starts `prefect server start` on 127.0.0.1:4200
+   (its database under PREFECT_HOME, default ./.prefect) when none is set;
+2. creates the work pools: `cpu` (process) and `gpu` (process here; Docker or Kubernetes with
+   --gpu-pool-type, from the base job templates in deployments/gpu/) with a concurrency limit of 1,
+   so one training runs per GPU and further ones queue;
+3. applies deployments/prefect.yaml (`prefect deploy --all`): the pipeline on `cpu` with the weekly
+   schedule (--cron, UTC), the training flow on `gpu`;
+4. starts one process worker per process pool, and keeps running until Ctrl-C, then stops every
+   process it started.
+
+Nothing is built or pushed: flow runs take the code from this checkout (GEMMA_LORA_CHECKOUT in the
+process pools' job template). The functions are also what tests/test_deployments.py uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
+GPU_TEMPLATES = REPO / "deployments" / "gpu"
+
+CPU_POOL = "cpu"
+GPU_POOL = "gpu"
+GPU_CONCURRENCY = 1  # trainings at once on the gpu pool: one per GPU
+DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00 UTC
+PIPELINE_DEPLOYMENT = "gemma-lora-pipeline/cpu"
+TRAINING_DEPLOYMENT = "lora-training/gpu"
+DEFAULT_PORT = 4200
+# Workers poll every 10 s by default; 2 s makes a run pressed in the UI start in about 6 s.
+WORKER_QUERY_SECONDS = "2"
+# Environment values {{ $VAR }} in prefect.yaml, and who provides them.
+DEPLOY_ENV = ("GEMMA_LORA_RETRAIN_CRON",)  # read by `prefect deploy`
+RUN_ENV = ("GEMMA_LORA_CHECKOUT",)  # read where each flow run starts (its pull step)
+
+GPU_BASE_JOB_TEMPLATES = {
+    "docker": GPU_TEMPLATES / "docker-gpu.base-job-template.json",
+    "kubernetes": GPU_TEMPLATES / "kubernetes-gpu.base-job-template.json",
+}
+
+
+def prefect_cli() -> list[str]:
+    """The `prefect` command of this interpreter's environment."""
+    exe = Path(sys.executable).parent / "prefect"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "prefect"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(api_url: str | None = None, **extra: str) -> dict[str, str]:
+    """This process's environment with the project's Prefect defaults, pointed at ``api_url``."""
+    from flows.env import apply_defaults
+
+    env = dict(os.environ)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    env.update(extra)
+    apply_defaults(env)
+    return env
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+def start_server(home: Path, port: int, log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`prefect server start` on 127.0.0.1:``port`` with its own PREFECT_HOME (SQLite database there)."""
+    env = dict(env if env is not None else os.environ)
+    for key in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE"):
+        env.pop(key, None)
+    env.update({
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+    })
+    home.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen([*prefect_cli(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    finally:
+        log.close()
+
+
+def wait_healthy(api_url: str, timeout: float = 180, proc: subprocess.Popen | None = None) -> float:
+    """Wait until ``api_url``/health answers; returns the seconds it took."""
+    started = time.monotonic()
+    while True:
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return time.monotonic() - started
+        except (urllib.error.URLError, OSError):
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the Prefect server exited with {proc.returncode} before it was healthy")
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"{api_url}/health did not answer within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def start_worker(pool: str, env: dict[str, str], log_path: Path, name: str | None = None) -> subprocess.Popen:
+    """A `process` worker for ``pool``; its flow runs inherit ``env``."""
+    env = dict(env)
+    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", WORKER_QUERY_SECONDS)
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen(
+            [*prefect_cli(), "worker", "start", "--pool", pool, "--type", "process",
+             "--name", name or f"{pool}-worker-{socket.gethostname()}", "--install-policy", "never"],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    finally:
+        log.close()
+
+
+def stop(proc: subprocess.Popen, first_wait: float = 5, grace: float = 15) -> int | None:
+    """Stop ``proc`` by its PID: SIGTERM; a second SIGTERM after ``first_wait`` seconds (a Prefect
+    worker busy with a flow run ignores the first one); SIGKILL after ``grace`` more. The flow-run
+    processes it had started are stopped the same way. Returns its exit code."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    for sig, wait in ((signal.SIGTERM, first_wait), (signal.SIGTERM, grace), (signal.SIGKILL, 30)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    for child in children:  # what it started and left behind
+        try:
+            child.terminate()
+            child.wait(first_wait)
+        except psutil.TimeoutExpired:
+            child.kill()
+        except psutil.Error:
+            pass
+    return proc.poll()
+
+
+def stop_all(procs: Iterable[subprocess.Popen]) -> None:
+    """Stop every process, in the order given (workers before the server); never raises."""
+    for proc in procs:
+        try:
+            stop(proc)
+        except Exception as err:  # keep stopping the others
+            print(f"could not stop pid {proc.pid}: {err}", file=sys.stderr)
+
+
+# --- pools and deployments -----------------------------------------------------------------------
+
+def process_base_job_template(checkout: Path = REPO) -> dict[str, Any]:
+    """The process worker's default job template, with GEMMA_LORA_CHECKOUT (where flow runs take
+    their code from, see prefect.yaml's pull step) as the default environment."""
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    template["variables"]["properties"]["env"]["default"] = {"GEMMA_LORA_CHECKOUT": str(checkout)}
+    return template
+
+
+def load_gpu_template(kind: str) -> dict[str, Any]:
+    return json.loads(GPU_BASE_JOB_TEMPLATES[kind].read_text())
+
+
+def create_pools(api_url: str, checkout: Path = REPO, gpu_pool_type: str = "process",
+                 gpu_concurrency: int = GPU_CONCURRENCY) -> dict[str, Any]:
+    """Create (or overwrite) the `cpu` and `gpu` work pools; the `gpu` pool's concurrency limit
+    makes further trainings wait for the running one."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    process_template = process_base_job_template(checkout)
+    gpu_template = process_template if gpu_pool_type == "process" else load_gpu_template(gpu_pool_type)
+    pools = [
+        WorkPoolCreate(name=CPU_POOL, type="process", base_job_template=process_template,
+                       description="gemma-lora-flow: the pipeline's CPU stages"),
+        WorkPoolCreate(name=GPU_POOL, type=gpu_pool_type, base_job_template=gpu_template,
+                       concurrency_limit=gpu_concurrency,
+                       description=f"gemma-lora-flow: LoRA fine-tuning, {gpu_concurrency} at a time (one per GPU)"),
+    ]
+    created = {}
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        with get_client(sync_client=True) as client:
+            for pool in pools:
+                try:
+                    created[pool.name] = client.create_work_pool(pool, overwrite=True)
+                except Exception as err:
+                    if "type" in str(err).lower():  # an existing pool of another type: replace it
+                        client.delete_work_pool(pool.name)
+                        created[pool.name] = client.create_work_pool(pool)
+                    else:
+                        raise
+    return created
+
+
+def apply_deployments(api_url: str, cron: str = DEFAULT_CRON, env: dict[str, str] | None = None,
+                      timeout: float = 300) -> str:
+    """`prefect deploy --all` of deployments/prefect.yaml from the repository root; returns its output."""
+    env = dict(env if env is not None else base_env(api_url))
+    env["PREFECT_API_URL"] = api_url
+    env["GEMMA_LORA_RETRAIN_CRON"] = cron
+    done = subprocess.run(
+        [*prefect_cli(), "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"prefect deploy failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return done.stdout
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--api-url", default=os.environ.get("PREFECT_API_URL"),
+                        help="Prefect API to use (default $PREFECT_API_URL; none: start a local server)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port of the server started here")
+    parser.add_argument("--cron", default=os.environ.get("GEMMA_LORA_RETRAIN_CRON", DEFAULT_CRON),
+                        help=f"retraining schedule, cron in UTC (default {DEFAULT_CRON!r}, Mondays 03:00)")
+    parser.add_argument("--gpu-pool-type", choices=("process", *GPU_BASE_JOB_TEMPLATES), default="process",
+                        help="process: a local worker runs training here; docker/kubernetes: the pool runs "
+                             "the worker image on a GPU (deployments/gpu/), with a worker you start there")
+    parser.add_argument("--gpu-concurrency", type=int, default=GPU_CONCURRENCY,
+                        help="trainings at once on the gpu pool (one per GPU)")
+    parser.add_argument("--no-workers", action="store_true", help="set up pools and deployments only")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logs = REPO / ".prefect" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    started: list[subprocess.Popen] = []  # stopped in reverse: workers, then the server
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        api_url = args.api_url
+        if not api_url:
+            home = Path(os.environ.get("PREFECT_HOME", REPO / ".prefect"))
+            api_url = f"http://127.0.0.1:{args.port}/api"
+            print(f"starting the Prefect server on {api_url} (database under {home}; log {logs / 'server.log'})")
+            started.append(start_server(home, args.port, logs / "server.log"))
+            seconds = wait_healthy(api_url, proc=started[-1])
+            print(f"  healthy after {seconds:.0f} s")
+        env = base_env(api_url, GEMMA_LORA_CHECKOUT=str(REPO))
+        pools = create_pools(api_url, REPO, args.gpu_pool_type, args.gpu_concurrency)
+        print(f"work pools: {', '.join(f'{p.name} ({p.type}, concurrency {p.concurrency_limit})' for p in pools.values())}")
+        apply_deployments(api_url, args.cron, env)
+        print(f"deployments: {PIPELINE_DEPLOYMENT} (schedule {args.cron!r} UTC), {TRAINING_DEPLOYMENT}")
+        if args.no_workers:
+            return 0
+        worker_pools = [CPU_POOL] + ([GPU_POOL] if args.gpu_pool_type == "process" else [])
+        for pool in worker_pools:
+            started.append(start_worker(pool, env, logs / f"worker-{pool}.log"))
+        print(f"workers: {', '.join(worker_pools)} (logs in {logs})")
+        if args.gpu_pool_type != "process":
+            print(f"  start the gpu pool's worker on the GPU machine: prefect worker start --pool {GPU_POOL} "
+                  f"--type {args.gpu_pool_type}  (pip install prefect-{args.gpu_pool_type} there)")
+        ui = api_url.removesuffix("/api")
+        print(f"\nReady. Open {ui}/deployments and press Run on {PIPELINE_DEPLOYMENT}, or:\n"
+              f"  PREFECT_API_URL={api_url} .venv/bin/prefect deployment run {PIPELINE_DEPLOYMENT}\n"
+              "Ctrl-C stops the workers" + (" and the server." if started and not args.api_url else "."))
+        while not stopping:
+            for proc in started:
+                if proc.poll() is not None:
+                    print(f"pid {proc.pid} ({' '.join(map(str, proc.args[1:4]))}) exited with {proc.returncode}",
+                          file=sys.stderr)
+                    return 1
+            time.sleep(1)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_all(reversed(started))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())
