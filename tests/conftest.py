@@ -84,6 +84,10 @@ def _stop_embedded_prefect_server():
     import sys
 
     if "prefect.server.api.server" in sys.modules:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
         from prefect.server.api.server import SubprocessASGIServer
 
+        APILogWorker.drain_all(timeout=10)  # logs and events still queued go out before the server stops
+        EventsWorker.drain_all(timeout=10)
         SubprocessASGIServer().stop()

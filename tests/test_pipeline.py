@@ -171,6 +171,20 @@ def test_report_holds_every_section_and_artifacts_are_published(warm):
     assert any(a.data == 100.0 for a in progress)
 
 
+def test_cli_report_and_export_use_the_last_run(warm, capsys):
+    from flows.cli import main
+
+    root = warm["cfg"]["output"]["root"]
+    assert main(["report", "--set", f"output.root={root}"]) == 0
+    assert "## Overall metrics" in capsys.readouterr().out
+    assert main(["report", "--format", "json", "--set", f"output.root={root}"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_prompts"] >= 1
+    assert main(["export", "--set", f"output.root={root}"]) == 0
+    lines = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines() if line.strip())
+    assert set(lines) == {"adapter", "keras_preset", "transformers"}
+    assert Path(lines["adapter"]).is_file() and (Path(lines["transformers"]) / "config.json").is_file()
+
+
 def test_failure_at_each_stage_resumes_there(tiny_preset, tmp_path, monkeypatch):
     """A failure injected at each stage in turn: each rerun starts at the stage that failed (earlier
     ones Cached) and fails at the next; training fails mid-run and continues from its checkpoint.
