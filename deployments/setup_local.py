@@ -227,6 +227,8 @@ def apply_deployments(api_url: str, cron: str = DEFAULT_CRON, env: dict[str, str
     env = dict(env if env is not None else base_env(api_url))
     env["PREFECT_API_URL"] = api_url
     env["GEMMA_LORA_RETRAIN_CRON"] = cron
+    for var in RUN_ENV:  # set here, `prefect deploy` would bake this machine's value into the pull step
+        env.pop(var, None)
     done = subprocess.run(
         [*prefect_cli(), "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,

@@ -327,22 +327,28 @@ class Stack:
         self.api = ""
         self.timings: dict[str, float] = {}
 
-    def http(self):
+    def request(self, method: str, path: str, body: dict | None = None):
+        """One API call; retried, as Prefect's own client does, while the server answers 503 (its
+        SQLite database was busy: nothing was written)."""
         import httpx
 
-        return httpx.Client(base_url=self.api, timeout=30)
+        with httpx.Client(base_url=self.api, timeout=30) as client:
+            for attempt in range(8):
+                response = client.request(method, path, json=body)
+                if response.status_code != 503:
+                    return response
+                time.sleep(0.25 * 2 ** attempt)
+        return response
 
     def get(self, path: str):
-        with self.http() as c:
-            r = c.get(path)
-            r.raise_for_status()
-            return r.json()
+        response = self.request("GET", path)
+        response.raise_for_status()
+        return response.json()
 
     def post(self, path: str, body: dict):
-        with self.http() as c:
-            r = c.post(path, json=body)
-            r.raise_for_status()
-            return r.json()
+        response = self.request("POST", path, body)
+        response.raise_for_status()
+        return response.json()
 
     def describe(self) -> str:
         parts = []
@@ -356,11 +362,10 @@ class Stack:
 
     def run_from_ui(self, deployment_id: str, parameters: dict):
         """What the UI's Run button sends (POST /deployments/{id}/create_flow_run)."""
-        with self.http() as c:
-            return c.post(f"/deployments/{deployment_id}/create_flow_run", json={
-                "state": {"type": "SCHEDULED", "message": "Run from the Prefect UI"},
-                "parameters": parameters, "enforce_parameter_schema": True,
-            })
+        return self.request("POST", f"/deployments/{deployment_id}/create_flow_run", {
+            "state": {"type": "SCHEDULED", "message": "Run from the Prefect UI"},
+            "parameters": parameters, "enforce_parameter_schema": True,
+        })
 
     def flow_run(self, run_id: str) -> dict:
         return self.get(f"/flow_runs/{run_id}")
@@ -409,8 +414,7 @@ class Stack:
         return times
 
     def set_paused(self, pool: str, paused: bool) -> None:
-        with self.http() as c:
-            c.patch(f"/work_pools/{pool}", json={"is_paused": paused}).raise_for_status()
+        self.request("PATCH", f"/work_pools/{pool}", {"is_paused": paused}).raise_for_status()
 
     def worker_log(self, pool: str) -> str:
         return self.logs[f"worker-{pool}"].read_text(errors="replace")
@@ -443,9 +447,14 @@ def stack(tmp_path_factory):
         s.procs.append(setup_local.start_server(root / "server-home", port, s.logs["server"]))
         s.timings["server healthy"] = setup_local.wait_healthy(s.api, timeout=180, proc=s.procs[0])
         t = time.monotonic()
-        setup_local.create_pools(s.api, REPO)
-        env = setup_local.base_env(s.api, GEMMA_LORA_CHECKOUT=str(REPO), PREFECT_HOME=str(root / "client-home"),
-                                   PREFECT_WORKER_QUERY_SECONDS="2")
+        # Flow runs take their code from a checkout (the pull step): a snapshot of this one, so that
+        # edits made to the working tree while the test runs cannot change cache keys mid-test.
+        checkout = root / "checkout"
+        for package in ("gemma_core", "tasks", "flows"):
+            shutil.copytree(REPO / package, checkout / package, ignore=shutil.ignore_patterns("__pycache__"))
+        setup_local.create_pools(s.api, checkout)
+        env = setup_local.base_env(s.api, GEMMA_LORA_CHECKOUT=str(checkout), PYTHONPATH=str(checkout),
+                                   PREFECT_HOME=str(root / "client-home"), PREFECT_WORKER_QUERY_SECONDS="2")
         for var in ("GEMMA_LORA_RESULT_STORAGE", "GEMMA_LORA_FAIL_AT", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"):
             env.pop(var, None)
         setup_local.apply_deployments(s.api, TEST_CRON, env)
@@ -562,7 +571,9 @@ def test_schedule_and_typed_parameters_on_the_server(stack):
         assert (when.minute, when.hour, when.isoweekday() % 7) == (17, 4, 0)
     schema = pipeline["parameter_openapi_schema"]
     assert schema["properties"]["config"]["default"] == PipelineConfig().model_dump(mode="json")
+    # the pull step is resolved where each run starts (GEMMA_LORA_CHECKOUT there), not at deploy time
     assert pipeline["enforce_parameter_schema"] and pipeline["pull_steps"] == prefect_yaml()["pull"]
+    assert training["pull_steps"] == prefect_yaml()["pull"]
 
 
 @pytest.mark.slow
