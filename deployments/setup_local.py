@@ -195,6 +195,7 @@ def create_pools(api_url: str, checkout: Path = REPO, gpu_pool_type: str = "proc
     makes further trainings wait for the running one."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     process_template = process_base_job_template(checkout)
@@ -211,13 +212,14 @@ def create_pools(api_url: str, checkout: Path = REPO, gpu_pool_type: str = "proc
         with get_client(sync_client=True) as client:
             for pool in pools:
                 try:
-                    created[pool.name] = client.create_work_pool(pool, overwrite=True)
-                except Exception as err:
-                    if "type" in str(err).lower():  # an existing pool of another type: replace it
-                        client.delete_work_pool(pool.name)
-                        created[pool.name] = client.create_work_pool(pool)
-                    else:
-                        raise
+                    existing = client.read_work_pool(pool.name)
+                except ObjectNotFound:
+                    existing = None
+                if existing is not None and existing.type != pool.type:
+                    # Prefect keeps a pool's type on overwrite: replace the pool (its queues and
+                    # deployments' links are recreated by apply_deployments)
+                    client.delete_work_pool(pool.name)
+                created[pool.name] = client.create_work_pool(pool, overwrite=True)
     return created
 
 
@@ -261,13 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     logs = REPO / ".prefect" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     started: list[subprocess.Popen] = []  # stopped in reverse: workers, then the server
-    stopping = False
 
     def on_signal(signum, frame):
-        nonlocal stopping
-        stopping = True
+        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also where a shell started us with SIGINT ignored
+        signal.signal(sig, on_signal)
     try:
         api_url = args.api_url
         if not api_url:
@@ -283,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         apply_deployments(api_url, args.cron, env)
         print(f"deployments: {PIPELINE_DEPLOYMENT} (schedule {args.cron!r} UTC), {TRAINING_DEPLOYMENT}")
         if args.no_workers:
+            if started:
+                print("--no-workers: the server started here stops now; use --api-url with a server of your own")
             return 0
         worker_pools = [CPU_POOL] + ([GPU_POOL] if args.gpu_pool_type == "process" else [])
         for pool in worker_pools:
@@ -295,17 +298,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nReady. Open {ui}/deployments and press Run on {PIPELINE_DEPLOYMENT}, or:\n"
               f"  PREFECT_API_URL={api_url} .venv/bin/prefect deployment run {PIPELINE_DEPLOYMENT}\n"
               "Ctrl-C stops the workers" + (" and the server." if started and not args.api_url else "."))
-        while not stopping:
+        while True:
             for proc in started:
                 if proc.poll() is not None:
                     print(f"pid {proc.pid} ({' '.join(map(str, proc.args[1:4]))}) exited with {proc.returncode}",
                           file=sys.stderr)
                     return 1
             time.sleep(1)
-        return 0
     except KeyboardInterrupt:
         return 0
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not leave processes behind
+            signal.signal(sig, signal.SIG_IGN)
+        if started:
+            print(f"stopping {len(started)} processes ...", flush=True)
         stop_all(reversed(started))
 
 

@@ -629,3 +629,51 @@ def test_the_ui_shows_the_finished_run_and_its_report(stack, two_runs, tmp_path)
         chromium(url, shots / f"{name}.png", tmp_path, screenshot=True)
         assert (shots / f"{name}.png").stat().st_size > 20_000
         print(f"\nscreenshot of the {name} page: {shots / f'{name}.png'}")
+
+
+# --- the pipeline's side of a training deployment (run_deployment stubbed) --------------------------
+
+def stage_results():
+    from tasks.results import DataResult, ModelResult
+
+    common = {"fingerprint": "f" * 16, "files": {}, "seconds": 1.0, "peak_rss_mb": 1.0}
+    data = DataResult(stage="prepare-data", data_hash="d" * 16, source="sample", is_sample=True, counts={},
+                      dropped={}, **common)
+    model = ModelResult(stage="resolve-model", spec="/m", preset_dir="/m", model_hash="m" * 16, **common)
+    return data, model
+
+
+def test_a_failed_training_run_fails_the_stage_with_the_runs_link(monkeypatch):
+    """The pipeline waits for the training deployment's run; when that run fails, the training stage
+    raises, naming the run and linking to it in the UI."""
+    import uuid
+
+    import prefect.deployments
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.settings import PREFECT_UI_URL, temporary_settings
+    from prefect.states import Failed
+
+    from flows.training import TrainingRunFailed, run_training
+
+    child = FlowRun(id=uuid.uuid4(), name="brave-otter", flow_id=uuid.uuid4(),
+                    state=Failed(message="Flow run encountered an exception: InjectedFailure"))
+    calls = []
+
+    def fake_run_deployment(name, parameters=None, timeout=-1, **kwargs):
+        calls.append({"name": name, "parameters": parameters, "timeout": timeout})
+        return child
+
+    monkeypatch.setattr(prefect.deployments, "run_deployment", fake_run_deployment)
+    data, model = stage_results()
+    config = {"train": {"learning_rate": 1e-3}}
+    with temporary_settings(updates={PREFECT_UI_URL: "http://prefect.example:4200"}):
+        with pytest.raises(TrainingRunFailed) as failure:
+            run_training(config, data, model, "/results", deployment="lora-training/gpu")
+    message = str(failure.value)
+    assert f"http://prefect.example:4200/runs/flow-run/{child.id}" in message
+    assert "'brave-otter'" in message and "lora-training/gpu" in message and "InjectedFailure" in message
+    (call,) = calls
+    assert call["name"] == "lora-training/gpu" and call["timeout"] is None  # waits however long it queues
+    assert call["parameters"]["config"] == config and call["parameters"]["result_storage"] == "/results"
+    assert call["parameters"]["data"]["data_hash"] == "d" * 16  # JSON, as the deployment's schema takes it
+    json.dumps(call["parameters"])
