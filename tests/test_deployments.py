@@ -612,7 +612,8 @@ def chromium(url: str, out: Path, tmp: Path, *, screenshot: bool) -> str:
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
                     reason="no chromium (Debian: apt-get install -y chromium)")
 def test_the_ui_shows_the_finished_run_and_its_report(stack, two_runs, tmp_path):
-    """What a user sees: the run's page and the report artifact, in headless Chromium. Screenshots go
+    """What a user sees: the run's page, the report artifact and the deployment's run form (every
+    config field), in headless Chromium. Screenshots go
     to $GEMMA_LORA_SCREENSHOT_DIR (else this test's temporary directory); their paths are printed."""
     shots = Path(os.environ.get("GEMMA_LORA_SCREENSHOT_DIR") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
@@ -620,8 +621,14 @@ def test_the_ui_shows_the_finished_run_and_its_report(stack, two_runs, tmp_path)
     run = two_runs["runs"][0]
     (report,) = [a for a in stack.post("/artifacts/filter", {"artifacts": {"key": {"any_": ["gemma-lora-report"]}}})
                  if a["flow_run_id"] == run["id"]]
+    from gemma_core.config import PipelineConfig
+
+    form_titles = [field.title or name.replace("_", " ").title()
+                   for section in PipelineConfig.model_fields.values()
+                   for name, field in getattr(section.annotation, "model_fields", {}).items()]
     pages = {"flow-run": (f"{ui}/runs/flow-run/{run['id']}", [run["name"], "Completed", "render-report"]),
-             "report": (f"{ui}/artifacts/artifact/{report['id']}", ["LoRA fine-tuning report", "Overall metrics"])}
+             "report": (f"{ui}/artifacts/artifact/{report['id']}", ["LoRA fine-tuning report", "Overall metrics"]),
+             "run-form": (f"{ui}/deployments/deployment/{two_runs['pipeline']['id']}/run", form_titles)}
     for name, (url, expected) in pages.items():
         dom = chromium(url, shots / f"{name}.png", tmp_path, screenshot=False)
         for text in expected:
