@@ -88,9 +88,23 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: PipelineConfig, result_storage: str | None) -> int:
     from flows.pipeline import gemma_lora_pipeline
 
+    server = _prefect_server()
+    if server and not _answers(server):
+        print(f"gemma-lora: the Prefect server at {server} (PREFECT_API_URL) does not answer: start it "
+              "(`prefect server start`) or unset PREFECT_API_URL to run with a temporary local server",
+              file=sys.stderr)
+        return 1
     started = time.perf_counter()
-    state = gemma_lora_pipeline(config=cfg.model_dump(mode="json"), result_storage=result_storage,
-                                return_state=True)
+    try:
+        state = gemma_lora_pipeline(config=cfg.model_dump(mode="json"), result_storage=result_storage,
+                                    return_state=True)
+    except Exception as err:
+        if not (server and _lost_connection(err)):
+            raise
+        print(f"\ngemma-lora: lost the Prefect server at {server} after {time.perf_counter() - started:.0f} s "
+              f"({type(err).__name__}: {err}). When it answers again, run the same command: finished stages "
+              "are Cached, and training continues from its newest checkpoint.", file=sys.stderr)
+        return 1
     seconds = time.perf_counter() - started
     if not state.is_completed():
         print(f"\ngemma-lora: the run failed after {seconds:.0f} s: {state.message}", file=sys.stderr)
@@ -100,6 +114,36 @@ def _run(cfg: PipelineConfig, result_storage: str | None) -> int:
     summary = state.result()
     print(_summary_text(summary, seconds))
     return 0
+
+
+def _prefect_server() -> str | None:
+    """The API URL of the Prefect server this run talks to; None when Prefect runs embedded."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    return str(url).rstrip("/") if url else None
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _lost_connection(err: BaseException | None) -> bool:
+    """Whether ``err`` (or what caused it) is a failure to reach the server, not an error of the run."""
+    import httpx
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (httpx.TransportError, ConnectionError)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _summary_text(summary: dict[str, Any], seconds: float) -> str:

@@ -16,6 +16,7 @@ keras-hub path, kept for honest benchmarks.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -114,6 +115,33 @@ class TrainingSchedule:
         return self.plan(epoch)[position]
 
 
+def _one_trainer_per_directory(train):
+    """Two processes training into one ``out_dir`` (two pipeline runs started at once) would append to
+    one train_log.jsonl and race on its checkpoints: the second waits for the first, then resumes
+    from its final checkpoint (no step is trained twice)."""
+
+    @functools.wraps(train)
+    def locked(model, prompts, responses, cfg, lora, out_dir, *args, **kwargs):
+        from gemma_core.gguf_convert import require
+
+        filelock = require("filelock", "locking the training directory")
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(str(out_dir / ".train.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            log.warning("another process is training in %s; waiting for it to finish", out_dir)
+            lock.acquire()
+        try:
+            return train(model, prompts, responses, cfg, lora, out_dir, *args, **kwargs)
+        finally:
+            lock.release()
+
+    return locked
+
+
+@_one_trainer_per_directory
 def train_lora(
     model,
     prompts: Sequence[str],

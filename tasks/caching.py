@@ -123,6 +123,7 @@ def _drop_if_stale(key: str, task_ctx: TaskRunContext | None) -> None:
     store = get_result_store()
     try:
         if not store.exists(key):
+            _report_unreadable(store, key, task_ctx)
             return
         record = store.read(key)
     except Exception as err:  # unreadable record: Prefect will treat it as absent or fail; log why
@@ -137,6 +138,26 @@ def _drop_if_stale(key: str, task_ctx: TaskRunContext | None) -> None:
     _logger().warning("cached result of %s is no longer valid (%s): running it again", name, problem)
     past = _dt.datetime(2000, 1, 1, tzinfo=_dt.timezone.utc)
     store.write(obj=None, key=key, expiration=past)
+
+
+def _report_unreadable(store, key: str, task_ctx: TaskRunContext | None) -> None:
+    """Prefect's ``exists`` is False both when no record is stored and when the stored one cannot be
+    read (cut short by a crash or a full disk, edited): the task reruns either way; say so in the second case."""
+    from prefect._internal.compatibility.blocks import call_explicitly_sync_block_method
+    from prefect.results import ResultRecord
+
+    if store.result_storage is None:
+        return
+    try:
+        content = call_explicitly_sync_block_method(store.result_storage, "read_path", (key,), {})
+    except Exception:
+        return  # nothing stored under this key
+    try:
+        ResultRecord.deserialize(content)
+    except Exception as err:
+        name = task_ctx.task.name if task_ctx else "task"
+        _logger().warning("cached result record %s of %s is unreadable (%s: %s): running it again",
+                          store._resolved_key_path(key), name, type(err).__name__, str(err)[:200])
 
 
 def _logger():

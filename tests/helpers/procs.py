@@ -109,3 +109,92 @@ def start_training(preset: Path, out_dir: Path, log_path: Path, pause: str | Non
         argv += [f"--{key.replace('_', '-')}", str(value)]
     env = child_env(**({"RELIABILITY_PAUSE": pause} if pause else {}))
     return Child(argv, log_path, env)
+
+
+PIPELINE_DRIVER = REPO / "tests" / "helpers" / "pipeline_driver.py"
+STAGES = ("prepare-data", "resolve-model", "evaluate-base", "train-lora", "evaluate-tuned", "render-report")
+
+
+def tiny_overrides(preset: Path, root: Path, **changes) -> list[str]:
+    """``--set`` options of the tiny pipeline (as in tests/test_pipeline.py's tiny_config)."""
+    values = {
+        "model.spec": str(preset), "output.root": str(root), "data.train_limit": 8, "train.max_steps": 4,
+        "train.batch_size": 2, "train.sequence_length": 96, "train.checkpoint_every": 2,
+        "generation.max_new_tokens": 6, "generation.batch_size": 4, "evaluation.num_prompts": 4,
+        "evaluation.num_side_by_side": 2, **changes,
+    }
+    options = []
+    for key, value in values.items():
+        options += ["--set", f"{key}={value}"]
+    return options
+
+
+class PipelineRun:
+    """``gemma-lora run`` (through tests/helpers/pipeline_driver.py) in a child process: its stdout and
+    stderr in one file, its events in another."""
+
+    def __init__(self, work: Path, name: str, args: list[str], env: dict[str, str]):
+        self.work, self.name = Path(work), name
+        self.output_path = self.work / f"{name}.out"
+        self.events_path = self.work / f"{name}.events.jsonl"
+        env = {**env, "RELIABILITY_EVENTS": str(self.events_path)}
+        self._out = open(self.output_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, str(PIPELINE_DRIVER), *args], stdout=self._out,
+                                     stderr=subprocess.STDOUT, env=env, cwd=self.work)
+
+    def events(self) -> list[dict]:
+        if not self.events_path.exists():
+            return []
+        found = []
+        for line in self.events_path.read_text().splitlines():
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                pass
+        return found
+
+    def wait_event(self, kind: str, timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = [e for e in self.events() if e.get("event") == kind]
+            if match:
+                return match[0]
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited ({self.proc.returncode}) before {kind!r}:\n{self.tail()}")
+            time.sleep(0.3)
+        raise TimeoutError(f"{self.name}: no {kind!r} event within {timeout} s:\n{self.tail()}")
+
+    def finish(self, timeout: float = 900) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self._out.close()
+
+    def sigkill(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        assert self.proc.returncode == -signal.SIGKILL
+        self._out.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self._out.close()
+
+    def output(self) -> str:
+        if not self._out.closed:
+            self._out.flush()
+        return self.output_path.read_text(errors="replace")
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.output()[-chars:]
+
+    def states(self) -> dict[str, str]:
+        """Stage -> final state, from the summary the command line prints at the end of a run."""
+        import re
+
+        found = {}
+        for stage, state in re.findall(r"^  (%s)\s+(\w+)" % "|".join(STAGES), self.output(), re.M):
+            found[stage] = state
+        return found
