@@ -149,8 +149,11 @@ def _check_kaggle(spec: str) -> None:
     kagglehub_config = require("kagglehub.config", f"downloading {spec!r} from Kaggle")
     try:
         credentials = kagglehub_config.get_kaggle_credentials()
-    except ValueError as err:  # a malformed ~/.kaggle/kaggle.json
-        raise ModelResolutionError(f"model {spec!r} needs Kaggle credentials, but they are unreadable: {err}") from None
+    except (ValueError, TypeError, AttributeError, OSError) as err:  # a malformed or unreadable kaggle.json
+        raise ModelResolutionError(  # never the file's content: it holds the key
+            f"model {spec!r} needs Kaggle credentials, but they are unreadable ({type(err).__name__}: {err}); "
+            'kaggle.json must be a JSON object with "username" and "key"'
+        ) from None
     if credentials is None:
         raise ModelResolutionError(
             f"model {spec!r} is downloaded by keras-hub from Kaggle, and no Kaggle credentials were found. "
