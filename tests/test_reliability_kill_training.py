@@ -155,3 +155,65 @@ def test_sigkill_at_five_points_resumes_from_newest_valid_checkpoint(tiny_preset
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000008", "step-00000010"]
     for where, killed_at, resumed, redo in table:
         print(f"killed {where}: newest valid checkpoint {resumed}, steps redone {redo}")
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments(tiny_preset, tmp_path):
+    """Kills at unplanned moments (seeded: RELIABILITY_SEED, default 0), which land anywhere: inside XLA,
+    inside an HDF5 or log write, between the files of a checkpoint. The same rules hold after each.
+    600 steps with a checkpoint every 8, so a kill has many places to land."""
+    import os
+    import random
+    import signal
+    import time
+
+    import keras_hub
+
+    from gemma_core.config import LoraConfig
+    from gemma_core.lora_train import train_lora
+
+    steps, every = 600, 8  # about 5 ms a step here: a kill within 0.5 s lands inside training
+    driver = _driver()
+    model = keras_hub.models.CausalLM.from_preset(str(tiny_preset))
+    straight = train_lora(model, *driver.examples(), driver.train_config(steps, every, KEEP), LoraConfig(),
+                          tmp_path / "uninterrupted", driver.IDENTITY)
+
+    seed = int(os.environ.get("RELIABILITY_SEED", "0"))
+    rng = random.Random(seed)
+    out = tmp_path / "train"
+    options = {"max_steps": steps, "checkpoint_every": every, "keep": KEEP}
+    expected_resume, kills = 0, []
+    for i in range(6):
+        child = procs.start_training(tiny_preset, out, tmp_path / f"random{i}.stderr", **options)
+        try:
+            child.wait_for(lambda e: e.get("event") in ("step", "done"))
+            delay = rng.uniform(0.0, 0.5)
+            time.sleep(delay)
+            if child.proc.poll() is None:
+                os.kill(child.proc.pid, signal.SIGKILL)
+            rc = child.finish()  # reads what it printed before it died
+        finally:
+            child.close()
+        resumes = child.of("resume")
+        assert (resumes[0]["step"] if resumes else 0) == expected_resume, (i, child.events)
+        newest = max(valid_checkpoints(out), default=0)
+        done = max(logged_steps(out), default=0)
+        assert 0 <= done - newest <= every, (valid_checkpoints(out), logged_steps(out))
+        seen = [e["step"] for e in child.of("step")]
+        kills.append((round(delay, 2), f"steps {seen[0]}-{seen[-1]}" if seen else "no step", f"resume at {newest}"))
+        expected_resume = newest
+        if rc == 0:
+            break  # the run finished before the kill landed
+    final = procs.start_training(tiny_preset, out, tmp_path / "random-final.stderr", **options)
+    try:
+        assert final.finish() == 0, final.describe()
+    finally:
+        final.close()
+    result = final.of("done")[0]
+    print(f"seed {seed}; kills (delay after the first step, steps run, newest valid checkpoint): {kills}")
+    np.testing.assert_allclose(result["losses"], straight.losses, rtol=1e-5, atol=1e-6)
+    assert logged_steps(out) == list(range(1, steps + 1))
+    expected = read_adapter(straight.adapter_path)
+    adapter = read_adapter(out / "adapter.lora.h5")
+    for name, value in expected.items():
+        np.testing.assert_allclose(adapter[name], value, atol=1e-5, err_msg=name)

@@ -60,7 +60,7 @@ def examples(n: int = 12) -> tuple[list[str], list[str]]:
 def train_config(max_steps: int, checkpoint_every: int, keep: int):
     from gemma_core.config import TrainConfig
 
-    return TrainConfig(max_steps=max_steps, epochs=10, batch_size=2, sequence_length=64, learning_rate=1e-2,
+    return TrainConfig(max_steps=max_steps, epochs=1000, batch_size=2, sequence_length=64, learning_rate=1e-2,
                        checkpoint_every=checkpoint_every, keep_checkpoints=keep)
 
 
