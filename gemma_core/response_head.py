@@ -8,6 +8,8 @@ states at a fixed number of chosen positions per example, and computes logits on
 
 The loss is the same number as the full model's, on the same batch: the gathered logits are the
 full model's logits at those positions, and the padding slots carry zero weight.
+:func:`sparse_cross_entropy` computes it without the one-hot (batch, slots, vocabulary) tensor
+that Keras's ``SparseCategoricalCrossentropy`` builds.
 
 >>> lm = ResponseOnlyLM(causal_lm.backbone)                                   # doctest: +SKIP
 >>> logits = lm({"token_ids": ids, "padding_mask": mask, "positions": pos})  # (batch, K, vocab)
@@ -30,6 +32,29 @@ class ResponseOnlyLM(keras.Model):
         positions = ops.expand_dims(inputs["positions"], axis=-1)
         picked = ops.take_along_axis(hidden, positions, axis=1)
         return self.backbone.token_embedding(picked, reverse=True)
+
+
+def sparse_cross_entropy(labels, logits):
+    """Per-position cross-entropy from logits: logsumexp minus the label's logit.
+
+    The same number as ``keras.losses.sparse_categorical_crossentropy(..., from_logits=True)``.
+    Keras's version multiplies the log-softmax by a one-hot (batch, slots, 262,144) tensor, forward
+    and backward; on the 2-core CPU that made the head's step 1.4x slower (6.7 vs 4.7 ms per
+    position for forward plus backward, against 3.2 ms for its two matmuls alone).
+    """
+    labels = ops.expand_dims(ops.cast(labels, "int32"), axis=-1)
+    picked = ops.squeeze(ops.take_along_axis(logits, labels, axis=-1), axis=-1)
+    return ops.logsumexp(logits, axis=-1) - picked
+
+
+class ResponseCrossEntropy(keras.losses.Loss):
+    """:func:`sparse_cross_entropy`, averaged over the weighted (response) positions."""
+
+    def __init__(self, name: str = "response_cross_entropy"):
+        super().__init__(name=name, reduction="mean_with_sample_weight")
+
+    def call(self, y_true, y_pred):
+        return sparse_cross_entropy(y_true, y_pred)
 
 
 def gather_response_positions(

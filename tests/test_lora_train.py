@@ -75,6 +75,20 @@ def test_fast_and_plain_paths_give_the_same_loss_on_the_same_batch(tiny_preset, 
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_response_cross_entropy_equals_keras_sparse_cross_entropy():
+    from gemma_core.response_head import ResponseCrossEntropy, sparse_cross_entropy
+
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((3, 5, 1000)) * 30).astype("float32")  # large logits: must stay stable
+    labels = rng.integers(0, 1000, (3, 5)).astype("int32")
+    weight = (rng.random((3, 5)) > 0.4).astype("float32")
+    expected = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    np.testing.assert_allclose(np.asarray(sparse_cross_entropy(labels, logits)), np.asarray(expected), rtol=1e-5)
+    reference = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
+    np.testing.assert_allclose(float(ResponseCrossEntropy()(labels, logits, weight)),
+                               float(reference(labels, logits, weight)), rtol=1e-5)
+
+
 def test_training_changes_only_the_adapter_and_logs_every_step(tiny_model, sample_splits, tmp_path):
     frozen_before = np.asarray(tiny_model.backbone.get_layer("token_embedding").embeddings)
     result = train_lora(tiny_model, *examples(sample_splits), CFG, LoraConfig(), tmp_path, IDENTITY)
