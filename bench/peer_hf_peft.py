@@ -162,6 +162,18 @@ def collate(torch, examples: list[dict], indices: list[int]):
     return input_ids, attention_mask, labels, useful, response
 
 
+def torch_matmul_gflops(torch, n: int = 2048) -> float:
+    """float32 n^3 matmul rate through torch (after training, so it does not warm the run), median of 5."""
+    a = torch.randn(n, n)
+    a @ a
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / sorted(times)[2] / 1e9
+
+
 def train(args) -> dict:
     spec = json.loads(Path(args.examples).read_text(encoding="utf-8"))
     import torch
@@ -214,6 +226,7 @@ def train(args) -> dict:
 
     total_s = sum(s["seconds"] for s in steps)
     useful = sum(s["useful_tokens"] for s in steps)
+    matmul_gflops = torch_matmul_gflops(torch)
     later = steps[1:]
     later_s = sum(s["seconds"] for s in later)
     result = {
@@ -231,6 +244,7 @@ def train(args) -> dict:
         "total_params": n_total,
         "import_seconds": import_seconds,
         "load_seconds": load_seconds,
+        "matmul_gflops": matmul_gflops,
         "first_step_seconds_from_process_start": first_step_from_start,
         "steps": steps,
         "total_step_seconds": total_s,

@@ -9,8 +9,13 @@ Two plans:
   length, so this skips most of the padding while the shapes stay few (one compilation per bucket,
   not per batch).
 
-Each bucket also fixes how many response slots a batch carries (the longest response in the
-bucket, rounded up), for :mod:`gemma_core.response_head`.
+Each bucket also fixes how many response positions a batch carries for
+:mod:`gemma_core.response_head` (``slots`` per row, filled across the whole batch). To keep that
+number close to what batches really hold, a bucket's examples are sorted by response length and cut
+into ``batch_size`` strata, and every batch takes one example from each stratum (which one is
+shuffled every epoch): a batch's total response length then stays near the bucket's mean, and the
+sum of the strata's longest responses bounds it in every epoch. On the offline sample this cut the
+head's padding positions from about half to about a quarter.
 
 Batches whose bucket has fewer examples left than the batch size are topped up with repeats whose
 loss weight is zeroed, so every batch of a bucket has one shape.
@@ -25,7 +30,7 @@ import numpy as np
 
 LENGTH_MULTIPLE = 32
 BUCKET_QUANTILES = (0.35, 0.65, 0.9, 1.0)
-SLOT_MULTIPLE = 16
+SLOT_MULTIPLE = 8
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class PlannedBatch:
     indices: np.ndarray  # (batch_size,) example indices
     real: int  # how many of them count; the rest are zero-weight repeats
     length: int  # tokens per row for this batch
-    slots: int  # response positions per row (for the response-only head)
+    slots: int  # head positions per row; the batch's response positions fill batch_size * slots
 
 
 def bucket_lengths(total_lengths: np.ndarray, sequence_length: int) -> list[int]:
@@ -53,7 +58,10 @@ def plan_epoch(
 ) -> list[PlannedBatch]:
     rng = np.random.default_rng([seed, epoch])
     if not bucketed:
-        return _chunk(rng.permutation(len(total_lengths)), batch_size, sequence_length, sequence_length)
+        # Random batches: only the batch_size longest responses together bound a batch's total.
+        bound = int(np.sort(response_lengths)[::-1][:batch_size].sum())
+        slots = min(sequence_length, SLOT_MULTIPLE * math.ceil(bound / batch_size / SLOT_MULTIPLE))
+        return _chunk(rng.permutation(len(total_lengths)), batch_size, sequence_length, slots)
     lengths = bucket_lengths(total_lengths, sequence_length)
     assignment = np.searchsorted(lengths, total_lengths, side="left").clip(max=len(lengths) - 1)
     batches: list[PlannedBatch] = []
@@ -61,9 +69,28 @@ def plan_epoch(
         members = np.flatnonzero(assignment == bucket)
         if len(members) == 0:
             continue
-        slots = min(length, SLOT_MULTIPLE * math.ceil(response_lengths[members].max() / SLOT_MULTIPLE))
-        batches.extend(_chunk(members[rng.permutation(len(members))], batch_size, length, slots))
+        batches.extend(_deal_by_response_length(members, response_lengths, batch_size, length, rng))
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _deal_by_response_length(
+    members: np.ndarray, response_lengths: np.ndarray, batch_size: int, length: int, rng: np.random.Generator
+) -> list[PlannedBatch]:
+    """One bucket's batches, each with one example from each response-length stratum."""
+    n_batches = math.ceil(len(members) / batch_size)
+    by_response = members[np.argsort(response_lengths[members], kind="stable")]
+    strata = [by_response[k * n_batches:(k + 1) * n_batches] for k in range(batch_size)]
+    bound = sum(int(response_lengths[s].max()) for s in strata if len(s))  # any batch's total, any epoch
+    slots = min(length, SLOT_MULTIPLE * math.ceil(bound / batch_size / SLOT_MULTIPLE))
+    dealt = [rng.permutation(s) for s in strata]
+    out = []
+    for b in range(n_batches):
+        chosen = np.array([s[b] for s in dealt if b < len(s)], dtype=np.int64)
+        real = len(chosen)
+        if real < batch_size:  # the last strata ran out: zero-weight repeats keep the shape
+            chosen = np.concatenate([chosen, np.resize(members, batch_size - real)])
+        out.append(PlannedBatch(chosen, real, length, slots))
+    return out
 
 
 def _chunk(order: np.ndarray, batch_size: int, length: int, slots: int) -> list[PlannedBatch]:

@@ -6,8 +6,9 @@ cross-entropy from logits with the loss on response tokens only. What it adds is
 ``train_on_batch``: batches chosen by a pure function of (seed, step) so a resumed run sees exactly
 the batches the uninterrupted one would, adapter-only checkpoints every N steps, a JSONL training
 log, and two speed-ups that leave the loss unchanged: length buckets in a few fixed shapes
-(:mod:`gemma_core.batching`) and the output head computed only at response tokens
-(:mod:`gemma_core.response_head`). ``bucketing=False, response_only_head=False`` is the plain
+(:mod:`gemma_core.batching`) and the output head computed only at response tokens, with the
+same cross-entropy computed without a one-hot over the vocabulary (:mod:`gemma_core.response_head`).
+``bucketing=False, response_only_head=False`` is the plain
 keras-hub path, kept for honest benchmarks.
 
 >>> result = train_lora(model, prompts, responses, TrainConfig(max_steps=8), LoraConfig(), "runs/train",

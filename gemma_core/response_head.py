@@ -4,7 +4,8 @@ Gemma's tied output head (hidden 640 → 262,144 words for the 270M model) is ab
 FLOPs of a training step, yet the loss is read at response positions only, a third or less of
 the tokens. :class:`ResponseOnlyLM` shares the task's backbone (so its LoRA weights, and
 ``save_lora_weights``, are the same objects), runs it on the whole sequence, gathers the hidden
-states at a fixed number of chosen positions per example, and computes logits only there.
+states at a fixed number of chosen positions per batch (``slots`` per row, filled across the
+batch), and computes logits only there.
 
 The loss is the same number as the full model's, on the same batch: the gathered logits are the
 full model's logits at those positions, and the padding slots carry zero weight.
@@ -12,7 +13,7 @@ full model's logits at those positions, and the padding slots carry zero weight.
 that Keras's ``SparseCategoricalCrossentropy`` builds.
 
 >>> lm = ResponseOnlyLM(causal_lm.backbone)                                   # doctest: +SKIP
->>> logits = lm({"token_ids": ids, "padding_mask": mask, "positions": pos})  # (batch, K, vocab)
+>>> logits = lm({"token_ids": ids, "padding_mask": mask, "positions": pos})  # (batch, slots, vocab)
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ class ResponseOnlyLM(keras.Model):
 
     def call(self, inputs):
         hidden = self.backbone({"token_ids": inputs["token_ids"], "padding_mask": inputs["padding_mask"]})
-        positions = ops.expand_dims(inputs["positions"], axis=-1)
-        picked = ops.take_along_axis(hidden, positions, axis=1)
+        batch, length = ops.shape(hidden)[0], ops.shape(hidden)[1]
+        # Positions index the flattened (batch * length) sequence: a batch's response tokens fill its
+        # slots wherever they are, so one long answer does not widen every row.
+        flat = ops.reshape(hidden, (batch * length, ops.shape(hidden)[2]))
+        picked = ops.take(flat, inputs["positions"], axis=0)
         return self.backbone.token_embedding(picked, reverse=True)
 
 
@@ -60,18 +64,19 @@ class ResponseCrossEntropy(keras.losses.Loss):
 def gather_response_positions(
     labels: np.ndarray, sample_weight: np.ndarray, slots: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per example, the indices of its weighted positions, padded to ``slots`` with zero weight.
+    """The batch's weighted positions as flat indices into (batch * length), in ``batch * slots``
+    places shaped ``(batch, slots)``; unused places point at position 0 with zero weight.
 
     Returns ``(positions, labels_at_positions, weight_at_positions)``, each ``(batch, slots)``.
     """
     batch = len(labels)
-    positions = np.zeros((batch, slots), "int32")
-    picked_weight = np.zeros((batch, slots), "float32")
-    for row in range(batch):
-        where = np.flatnonzero(sample_weight[row])
-        if len(where) > slots:
-            raise ValueError(f"example has {len(where)} response tokens but only {slots} slots")
-        positions[row, : len(where)] = where
-        picked_weight[row, : len(where)] = sample_weight[row, where]
-    picked_labels = np.take_along_axis(labels, positions, axis=1)
-    return positions, picked_labels.astype("int32"), picked_weight
+    where = np.flatnonzero(sample_weight)
+    if len(where) > batch * slots:
+        raise ValueError(f"batch has {len(where)} response tokens but only {batch} x {slots} head positions")
+    positions = np.zeros(batch * slots, "int32")
+    positions[: len(where)] = where
+    picked_weight = np.zeros(batch * slots, "float32")
+    picked_weight[: len(where)] = sample_weight.reshape(-1)[where]
+    picked_labels = labels.reshape(-1)[positions]
+    shape = (batch, slots)
+    return positions.reshape(shape), picked_labels.astype("int32").reshape(shape), picked_weight.reshape(shape)
