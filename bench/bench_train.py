@@ -19,6 +19,7 @@ float32 matmul ceiling measured in the same run.
 
     .venv/bin/python bench/bench_train.py                  # all variants, ~15 min on 2 cores
     .venv/bin/python bench/bench_train.py --examples 32    # quicker
+    .venv/bin/python bench/bench_train.py --variants plain,fast,peer,fast,peer,fast,peer   # in turns: medians
 """
 
 from __future__ import annotations
@@ -99,9 +100,19 @@ def run_variant(name: str, n: int, sequence_length: int, batch_size: int, out: P
     })
 
 
+def flops_per_token_of_model() -> tuple[float, float]:
+    """:func:`flops_per_token` from the embedded model's config (the peer row has no Keras model)."""
+    import keras_hub
+
+    from gemma_core.config import EMBEDDED_MODEL
+    from gemma_core.models import resolve_preset
+
+    return flops_per_token(keras_hub.models.Backbone.from_preset(resolve_preset(EMBEDDED_MODEL)))
+
+
 def flops_per_token(model) -> tuple[float, float]:
     """(4·N_body, 4·V·d): frozen-weight forward + activation-gradient FLOPs per token."""
-    backbone = model.backbone
+    backbone = getattr(model, "backbone", model)
     vocab, width = backbone.vocabulary_size, backbone.hidden_dim
     body_params = backbone.count_params() - vocab * width
     return 4.0 * body_params, 4.0 * vocab * width
@@ -202,8 +213,8 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.variants.split(","):
-            out = Path(tmp) / f"{name}.json"
+        for i, name in enumerate(args.variants.split(",")):
+            out = Path(tmp) / f"{i}-{name}.json"
             if name == "peer":
                 if not PEER_PYTHON.exists():
                     print("peer skipped: bench/.venv-ref is missing (see bench/make_parity_fixture.py)")
@@ -218,10 +229,13 @@ def main() -> None:
                        "--batch-size", str(args.batch_size)]
             print(f"running {name} ...", flush=True)
             # A fresh compilation cache per variant: first-step times are cold compiles, as a new user sees.
-            env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(Path(tmp) / f"jax-{name}")}
+            env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(Path(tmp) / f"jax-{i}-{name}")}
             subprocess.run(cmd, check=True, cwd=ROOT, env=env)
             result = json.loads(out.read_text())
-            rows.append(peer_row(result, rows[0]["flops_per_token"]) if name == "peer" else result)
+            if name == "peer":
+                flops = next((r["flops_per_token"] for r in rows if "flops_per_token" in r), None)
+                result = peer_row(result, flops or flops_per_token_of_model())
+            rows.append(result)
     ceiling = matmul_ceiling()
     peer = next((r for r in rows if r["variant"] == "peer"), None)
     if peer and peer.get("matmul_gflops"):
@@ -244,6 +258,16 @@ def report(rows: list[dict], ceiling: dict[str, float], args) -> None:
         print(f"| {r['variant']} | {r['useful_tokens_per_s']:.1f} | {r['useful_tokens_per_s'] / plain['useful_tokens_per_s']:.2f}x "
               f"| {r['useful_tokens_per_s_incl_compile']:.1f} | {r['first_step_s']:.1f} | {r['compile_steps_s']:.1f} "
               f"| {r['median_step_s']:.2f} | {share} | {r['mean_loss']:.3f} | {r['peak_rss_gib']:.2f} |")
+    by_variant: dict[str, list[float]] = {}
+    for r in rows:
+        by_variant.setdefault(r["variant"], []).append(r["useful_tokens_per_s"])
+    if any(len(v) > 1 for v in by_variant.values()):  # variants repeated in turns: medians and ratios
+        medians = {k: statistics.median(v) for k, v in by_variant.items()}
+        print("\n| variant | runs | useful tok/s each | median | vs plain | vs peer |")
+        print("|---|---|---|---|---|---|")
+        for k, v in by_variant.items():
+            vs = lambda ref: f"{medians[k] / medians[ref]:.2f}x" if ref in medians else "n/a"  # noqa: E731
+            print(f"| {k} | {len(v)} | {', '.join(f'{x:.1f}' for x in v)} | {medians[k]:.1f} | {vs('plain')} | {vs('peer')} |")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     _write(args.results, {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                                       "python": platform.python_version()},
