@@ -8,8 +8,8 @@ the batches the uninterrupted one would, adapter-only checkpoints every N steps,
 log, and two speed-ups that leave the loss unchanged: length buckets in a few fixed shapes
 (:mod:`gemma_core.batching`) and the output head computed only at response tokens, with the
 same cross-entropy computed without a one-hot over the vocabulary (:mod:`gemma_core.response_head`).
-``bucketing=False, response_only_head=False`` is the plain
-keras-hub path, kept for honest benchmarks.
+``bucketing=False, response_only_head=False`` is the plain keras-hub path, kept for honest
+benchmarks.
 
 >>> result = train_lora(model, prompts, responses, TrainConfig(max_steps=8), LoraConfig(), "runs/train",
 ...                     run_identity={"model_id": "embedded:gemma3-270m", "data_hash": "abc"})  # doctest: +SKIP
