@@ -134,12 +134,7 @@ def test_sigkill_at_five_points_resumes_from_newest_valid_checkpoint(tiny_preset
         table.append((where, pause_event["step"], newest, redo))
         expected_resume = newest
 
-    final = procs.start_training(tiny_preset, out, tmp_path / "final.stderr", **options)
-    try:
-        assert final.finish() == 0, final.describe()
-    finally:
-        final.close()
-    done = final.of("done")[0]
+    done = procs.train_to_end(tiny_preset, out, tmp_path / "final.stderr", **options)
     assert done["resumed_from_step"] == expected_resume == MAX_STEPS
     assert done["steps"] == MAX_STEPS
 
@@ -204,12 +199,7 @@ def test_sigkill_at_random_moments(tiny_preset, tmp_path):
         expected_resume = newest
         if rc == 0:
             break  # the run finished before the kill landed
-    final = procs.start_training(tiny_preset, out, tmp_path / "random-final.stderr", **options)
-    try:
-        assert final.finish() == 0, final.describe()
-    finally:
-        final.close()
-    result = final.of("done")[0]
+    result = procs.train_to_end(tiny_preset, out, tmp_path / "random-final.stderr", **options)
     print(f"seed {seed}; kills (delay after the first step, steps run, newest valid checkpoint): {kills}")
     np.testing.assert_allclose(result["losses"], straight.losses, rtol=1e-5, atol=1e-6)
     assert logged_steps(out) == list(range(1, steps + 1))

@@ -111,6 +111,16 @@ def start_training(preset: Path, out_dir: Path, log_path: Path, pause: str | Non
     return Child(argv, log_path, env)
 
 
+def train_to_end(preset: Path, out_dir: Path, log_path: Path, **options) -> dict:
+    """Run the training driver until it exits (it must exit 0); its "done" event."""
+    child = start_training(preset, out_dir, log_path, **options)
+    try:
+        assert child.finish() == 0, child.describe()
+    finally:
+        child.close()
+    return child.of("done")[0]
+
+
 PIPELINE_DRIVER = REPO / "tests" / "helpers" / "pipeline_driver.py"
 STAGES = ("prepare-data", "resolve-model", "evaluate-base", "train-lora", "evaluate-tuned", "render-report")
 
