@@ -1,12 +1,14 @@
 """Generation speed for the evaluation stages, side by side in one run.
 
 Baseline: keras-hub's ``generate`` one prompt at a time (batch 1), greedy, the same total length.
-Ours: ``gemma_core.generation.generate_answers`` at batch 8, 16 and 32 (one compiled loop per batch
-size, the last batch padded). New tokens are counted the same way for both: tokens produced up to
-end-of-sequence or ``max_new_tokens``. Greedy answers must be identical to the baseline's.
+Ours: ``gemma_core.generation.generate_answers`` at batch 8, 16 and 32 with the compact decode loop
+(the default), and with keras-hub's own loop (``compact_decode=False``, the plain path) at the batch
+sizes in ``--plain-batch-sizes``. New tokens are counted the same way for all: tokens produced up to
+end-of-sequence or ``max_new_tokens``. Greedy answers must be identical to the baseline's (on its
+prompts) and to the plain loop's (on all prompts).
 
     .venv/bin/python bench/bench_generate.py               # ~10 min on 2 cores
-    .venv/bin/python bench/bench_generate.py --prompts 16 --batch-sizes 8
+    .venv/bin/python bench/bench_generate.py --prompts 16 --batch-sizes 8 --plain-batch-sizes ""
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main() -> None:
     parser.add_argument("--baseline-prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", default="8,16,32")
+    parser.add_argument("--plain-batch-sizes", default="16")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "generate.json")
     args = parser.parse_args()
 
@@ -76,15 +79,25 @@ def main() -> None:
                  "compile_s": sum(warm_times) - sum(times), "identical_greedy": True})
     baseline_texts = texts
 
-    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=batch_size)
+    variants = [(True, int(b)) for b in args.batch_sizes.split(",") if b]
+    variants += [(False, int(b)) for b in args.plain_batch_sizes.split(",") if b]
+    answers = {}
+    for compact, batch_size in variants:
+        cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=batch_size, compact_decode=compact)
         warm = generate_answers(model, prompts, cfg)
         run = generate_answers(model, prompts, cfg)
-        ours = [a.text for a in run.answers[: len(base_prompts)]]
-        rows.append({"variant": f"gemma_core generate_answers, batch {batch_size}", "prompts": len(prompts),
+        answers[compact, batch_size] = texts = [a.text for a in run.answers]
+        ours = texts[: len(base_prompts)]
+        loop = "compact loop" if compact else "keras-hub loop"
+        rows.append({"variant": f"generate_answers, {loop}, batch {batch_size}", "prompts": len(prompts),
                      "new_tokens_per_s": run.new_tokens_per_second, "first_call_s": warm.first_batch_seconds,
                      "compile_s": warm.seconds - run.seconds, "identical_greedy": ours == baseline_texts,
                      "mismatches": [i for i, (a, b) in enumerate(zip(ours, baseline_texts)) if a != b]})
+    reference = next((texts for (compact, _), texts in answers.items() if not compact), None)
+    if reference is not None:
+        for (compact, batch_size), texts in answers.items():
+            print(f"compact={compact} batch {batch_size}: all {len(prompts)} greedy answers equal the keras-hub "
+                  f"loop's: {texts == reference}")
 
     base = rows[0]["new_tokens_per_s"]
     print(f"\nprompts={args.prompts} max_new_tokens={args.max_new_tokens}")

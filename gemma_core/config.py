@@ -105,6 +105,8 @@ class GenerationConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, le=4096)
     batch_size: int = Field(8, ge=1, le=512, description="prompts per generate call (the last batch is padded)")
     seed: int = 0
+    compact_decode: bool = Field(True, description="prefill only the prompts and stop at max_new_tokens "
+                                 "(JAX; false, or another backend: keras-hub's generate loop, the plain path)")
 
 
 class EvalConfig(_Section):

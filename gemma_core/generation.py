@@ -1,12 +1,16 @@
 """Batched generation over many prompts, compiled once.
 
-keras-hub's ``generate`` compiles its loop for each new (batch size, length, stop tokens) and
-``compile()`` throws the compiled loop away. Here every call uses one batch size (the last batch
-is padded with copies of the first prompt), total lengths rounded up to multiples of 64, and one
-stop-token tuple, and the sampler is chosen without calling ``compile()``: the loop compiles once
-per length bucket, and JAX keeps the executables on disk across runs. Prompts are batched with
-others of similar length, so the loop, which runs from a batch's shortest prompt to its total
-length, wastes few steps.
+Prompts are sorted by length and batched with their peers; every call uses one batch size (the
+last batch is padded with copies of its first prompt), total lengths rounded up to multiples of 64,
+and one stop-token tuple, so the decode loop compiles once per length bucket, and JAX keeps the
+executables on disk across runs.
+
+Two decode loops, chosen by ``GenerationConfig.compact_decode``:
+- compact (default, JAX): ``gemma_core.decode.CompactDecoder`` prefills only the prompts, decodes
+  each row from its own prompt's end, and stops once every row has ended or produced
+  ``max_new_tokens``;
+- keras-hub's own ``generate_step`` (the plain path, and the one other backends use). Its sampler
+  is set without calling ``compile()``, which would throw the compiled loop away.
 
 >>> outputs = generate_answers(model, ["Instruction:\\nName a colour.\\n\\nResponse:\\n"],
 ...                            GenerationConfig(max_new_tokens=16))   # doctest: +SKIP
@@ -25,6 +29,7 @@ import keras_hub
 import numpy as np
 
 from gemma_core.config import GenerationConfig
+from gemma_core.decode import CompactDecoder
 
 # The total length (prompt + answer) is rounded up to this, so batches with slightly different
 # prompts reuse one compiled loop.
@@ -85,6 +90,35 @@ def _compiled_generate(model, cfg: GenerationConfig):
     return model.make_generate_function()
 
 
+def _keras_hub_loop(model, cfg: GenerationConfig, stops: tuple[int, ...]):
+    generate = _compiled_generate(model, cfg)
+
+    def run(inputs):
+        outputs = generate(inputs, stop_token_ids=stops)
+        return (keras.ops.convert_to_numpy(outputs["token_ids"]),
+                keras.ops.convert_to_numpy(outputs["padding_mask"]).astype(bool))
+    return run
+
+
+def _compact_loop(model, cfg: GenerationConfig, stops: tuple[int, ...]):
+    """The compact decoder for this sampler, kept on the model so its compiled loop is reused; each
+    call starts from the sampler's initial seed state, so answers depend on ``cfg.seed`` alone."""
+    key = (cfg.sampler, cfg.top_k, cfg.top_p, cfg.temperature, cfg.seed, stops)
+    decoders = model.__dict__.setdefault("_compact_decoders", {})
+    if key not in decoders:
+        decoders[key] = CompactDecoder(model, make_sampler(cfg), stops)
+    decoder = decoders[key]
+    sampler_state = decoder.initial_sampler_state()
+
+    def run(inputs):
+        nonlocal sampler_state
+        prompt_lengths = keras.ops.convert_to_numpy(inputs["padding_mask"]).sum(axis=1)
+        token_ids, ends, sampler_state = decoder(keras.ops.convert_to_numpy(inputs["token_ids"]), prompt_lengths,
+                                                 cfg.max_new_tokens, sampler_state)
+        return token_ids, np.arange(token_ids.shape[1])[None, :] < ends[:, None]
+    return run
+
+
 def generate_answers(
     model,
     prompts: Sequence[str],
@@ -99,8 +133,9 @@ def generate_answers(
     # Prompts sorted by length share batches with their peers: keras-hub's loop runs from the
     # shortest prompt of a batch to the batch's total length, so similar lengths waste few steps.
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-    generate = _compiled_generate(model, cfg)
     stops = stop_token_ids(model)
+    compact = cfg.compact_decode and keras.config.backend() == "jax"
+    generate = (_compact_loop if compact else _keras_hub_loop)(model, cfg, stops)
 
     answers: list[GeneratedAnswer | None] = [None] * len(prompts)
     batches = math.ceil(len(prompts) / cfg.batch_size)
@@ -113,9 +148,7 @@ def generate_answers(
         inputs = model.preprocessor.generate_preprocess(
             padded, sequence_length=total_length(max(lengths[i] for i in members), cfg.max_new_tokens)
         )
-        outputs = generate(inputs, stop_token_ids=stops)
-        token_ids = keras.ops.convert_to_numpy(outputs["token_ids"])
-        out_mask = keras.ops.convert_to_numpy(outputs["padding_mask"]).astype(bool)
+        token_ids, out_mask = generate(inputs)
         prompt_mask = keras.ops.convert_to_numpy(inputs["padding_mask"]).astype(bool)
         for row, i in enumerate(members):
             answers[i] = _answer(tokenizer, prompts[i], token_ids[row], out_mask[row], prompt_mask[row], stops, cfg)

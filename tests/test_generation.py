@@ -1,9 +1,12 @@
-"""Batched generation on a tiny random Gemma: padding, determinism, stopping, compile reuse."""
+"""Batched generation on a tiny random Gemma: padding, determinism, stopping, compile reuse, and the
+compact decode loop against keras-hub's own."""
 
 import numpy as np
+import pytest
 
 from gemma_core.config import GenerationConfig
-from gemma_core.generation import generate_answers
+from gemma_core.decode import CompactDecoder
+from gemma_core.generation import generate_answers, make_sampler
 
 
 def prompts(sample_splits, n):
@@ -24,9 +27,48 @@ def test_batching_does_not_change_greedy_answers(tiny_model, sample_splits):
     assert [a.text for a in batched.answers] == [a.text for a in single.answers]
 
 
-def test_same_seed_same_answers_for_sampling(tiny_model, sample_splits):
+def test_compact_loop_gives_keras_hub_greedy_answers(tiny_model, sample_splits):
+    """Prompts of very different lengths share a batch, each row answering from its own position;
+    answers must equal keras-hub's loop at batch 1."""
+    mixed = ["Hi"] + prompts(sample_splits, 4) + ["Instruction:\nSay yes.\n\nResponse:\n"]
+    cfg = GenerationConfig(max_new_tokens=12, batch_size=3)
+    compact = generate_answers(tiny_model, mixed, cfg)
+    plain = generate_answers(tiny_model, mixed, cfg.model_copy(update={"batch_size": 1, "compact_decode": False}))
+    assert [a.text for a in compact.answers] == [a.text for a in plain.answers]
+    assert [a.new_tokens for a in compact.answers] == [a.new_tokens for a in plain.answers]
+
+
+def _right_padded(model, texts, total_length):
+    inputs = model.preprocessor.generate_preprocess(texts, sequence_length=total_length)
+    return np.asarray(inputs["token_ids"]), np.asarray(inputs["padding_mask"]).sum(axis=1)
+
+
+def test_compact_loop_stops_after_max_new_tokens_or_stop_tokens(tiny_model, sample_splits):
+    token_ids, lengths = _right_padded(tiny_model, prompts(sample_splits, 3), 256)
+    assert len(set(lengths)) == 3  # every row answers from its own position
+    greedy = make_sampler(GenerationConfig())
+    never_stops = CompactDecoder(tiny_model, greedy, stop_token_ids=(-1,))
+    out, ends, _ = never_stops(token_ids, lengths, 5, never_stops.initial_sampler_state())
+    assert (ends == lengths + 5).all()
+    for row, (length, end) in enumerate(zip(lengths, ends)):
+        assert (out[row, :length] == token_ids[row, :length]).all()  # prompt kept
+        assert (out[row, end:] == token_ids[row, end:]).all()  # nothing written past the last step
+
+    # Every row's first answer token made a stop token: the loop ends after one step.
+    firsts = tuple(sorted({int(out[row, length]) for row, length in enumerate(lengths)}))
+    stops_at_once = CompactDecoder(tiny_model, greedy, stop_token_ids=firsts)
+    _, ends, _ = stops_at_once(token_ids, lengths, 5, stops_at_once.initial_sampler_state())
+    assert (ends == lengths + 1).all()
+
+    with pytest.raises(ValueError, match="too short"):
+        never_stops(token_ids, lengths, 256, never_stops.initial_sampler_state())
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_same_seed_same_answers_for_sampling(tiny_model, sample_splits, compact):
     for sampler in ("top_k", "top_p"):
-        cfg = GenerationConfig(sampler=sampler, max_new_tokens=8, batch_size=4, seed=7, temperature=2.0)
+        cfg = GenerationConfig(sampler=sampler, max_new_tokens=8, batch_size=4, seed=7, temperature=2.0,
+                               compact_decode=compact)
         first = generate_answers(tiny_model, prompts(sample_splits, 4), cfg)
         again = generate_answers(tiny_model, prompts(sample_splits, 4), cfg)
         other = generate_answers(tiny_model, prompts(sample_splits, 4), cfg.model_copy(update={"seed": 8}))
@@ -36,10 +78,18 @@ def test_same_seed_same_answers_for_sampling(tiny_model, sample_splits):
 
 def test_generate_loop_compiles_once_per_sampler(tiny_model, sample_splits):
     cfg = GenerationConfig(max_new_tokens=6, batch_size=4)
-    generate_answers(tiny_model, prompts(sample_splits, 3), cfg)
+    plain = cfg.model_copy(update={"compact_decode": False})
+    generate_answers(tiny_model, prompts(sample_splits, 3), plain)
     compiled = tiny_model.generate_function
-    generate_answers(tiny_model, prompts(sample_splits, 7), cfg)
+    generate_answers(tiny_model, prompts(sample_splits, 7), plain)
     assert tiny_model.generate_function is compiled
+
+    generate_answers(tiny_model, prompts(sample_splits, 7), cfg)
+    (decoder,) = tiny_model._compact_decoders.values()
+    compiled_shapes = decoder._decode._cache_size()
+    generate_answers(tiny_model, prompts(sample_splits, 7), cfg)
+    assert tiny_model._compact_decoders == {next(iter(tiny_model._compact_decoders)): decoder}
+    assert decoder._decode._cache_size() == compiled_shapes
 
 
 def test_answer_stops_at_end_of_sequence_and_respects_max_new_tokens(tiny_model):
