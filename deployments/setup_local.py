@@ -26,12 +26,14 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO))
+
+from flows.local_server import free_port, wait_healthy  # noqa: E402  (used here and by the tests)
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 GPU_TEMPLATES = REPO / "deployments" / "gpu"
 
@@ -58,12 +60,6 @@ def prefect_cli() -> list[str]:
     """The `prefect` command of this interpreter's environment."""
     exe = Path(sys.executable).parent / "prefect"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "prefect"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_env(api_url: str | None = None, **extra: str) -> dict[str, str]:
@@ -98,23 +94,6 @@ def start_server(home: Path, port: int, log_path: Path, env: dict[str, str] | No
                                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     finally:
         log.close()
-
-
-def wait_healthy(api_url: str, timeout: float = 180, proc: subprocess.Popen | None = None) -> float:
-    """Wait until ``api_url``/health answers; returns the seconds it took."""
-    started = time.monotonic()
-    while True:
-        try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=5) as response:
-                if response.status == 200:
-                    return time.monotonic() - started
-        except (urllib.error.URLError, OSError):
-            pass
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the Prefect server exited with {proc.returncode} before it was healthy")
-        if time.monotonic() - started > timeout:
-            raise TimeoutError(f"{api_url}/health did not answer within {timeout:.0f} s")
-        time.sleep(0.5)
 
 
 def start_worker(pool: str, env: dict[str, str], log_path: Path, name: str | None = None) -> subprocess.Popen:
@@ -316,5 +295,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     sys.exit(main())

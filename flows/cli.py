@@ -86,9 +86,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: PipelineConfig, result_storage: str | None) -> int:
+    from flows.local_server import LocalServer
+
+    # Started first, so that the server starts up while the pipeline's modules import.
+    local = None if os.environ.get("PREFECT_API_URL") else LocalServer.start()
     from flows.pipeline import gemma_lora_pipeline
 
-    server = _prefect_server()
+    server = _prefect_server()  # a server named in the active Prefect profile counts too
+    if local is not None and server:
+        local.stop()
+    elif local is not None:
+        try:
+            local.wait_ready()
+        except RuntimeError as err:
+            print(f"gemma-lora: {err}", file=sys.stderr)
+            return 1
+        local.use()
     if server and not _answers(server):
         print(f"gemma-lora: the Prefect server at {server} (PREFECT_API_URL) does not answer: start it "
               "(`prefect server start`) or unset PREFECT_API_URL to run with a temporary local server",

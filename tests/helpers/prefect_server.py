@@ -11,13 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from flows.local_server import free_port
+
 PREFECT = Path(sys.executable).parent / "prefect"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrefectServer:
