@@ -107,8 +107,8 @@ class GenerationConfig(_Section):
                             "16 was fastest on a 2-core CPU, bench/bench_generate.py)")
     seed: int = 0
     compact_decode: bool = Field(True, description="prefill only the prompts, decode each row from its own "
-                                 "prompt's end, stop at max_new_tokens (JAX; false, or another backend: "
-                                 "keras-hub's generate loop, the plain path)")
+                                 "prompt's end, stop at max_new_tokens (Gemma 3 on JAX; false, or another model or "
+                                 "backend: keras-hub's generate loop, the plain path)")
 
 
 class EvalConfig(_Section):

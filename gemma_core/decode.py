@@ -13,7 +13,7 @@ the others answer, and every row runs on after it has produced ``max_new_tokens`
 
 Each step is the model's own ``call_with_cache`` followed by the keras-hub sampler's
 ``compute_probabilities`` and ``get_next_token``, so greedy decoding picks the same tokens as
-``model.generate``. JAX only: the model's weights and the sampler's seed state are passed in as
+``model.generate``. Gemma 3 on JAX only (:meth:`CompactDecoder.supports`): the model's weights and the sampler's seed state are passed in as
 arrays (Keras's stateless scope), as keras-hub's own JAX generate function does.
 
 >>> decoder = CompactDecoder(model, keras_hub.samplers.GreedySampler(), stop_token_ids=(1, 106))  # doctest: +SKIP
@@ -29,6 +29,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import keras
+import keras_hub
 import numpy as np
 
 # Prompts are prefilled up to the longest one, rounded up to this many tokens (fewer prefill shapes
@@ -43,10 +44,16 @@ class CompactDecoder:
     total_length) for the prefill; JAX's disk cache keeps both across runs.
     """
 
+    @staticmethod
+    def supports(model) -> bool:
+        """Gemma 3 on JAX: the cache layout (a (key, value) pair per layer) is Gemma 3's; other
+        keras-hub models keep theirs in one stacked tensor."""
+        return keras.config.backend() == "jax" and isinstance(model, keras_hub.models.Gemma3CausalLM)
+
     def __init__(self, model, sampler, stop_token_ids: tuple[int, ...]):
-        if keras.config.backend() != "jax":
-            raise ValueError(f"CompactDecoder needs the JAX backend, not {keras.config.backend()!r}; "
-                             "use keras-hub's generate loop (generation.compact_decode=false) instead")
+        if not self.supports(model):
+            raise ValueError(f"CompactDecoder runs {type(model).__name__} on {keras.config.backend()!r}; it needs "
+                             "a Gemma3CausalLM on JAX: use keras-hub's generate loop (generation.compact_decode=false)")
         self.model = model
         self.sampler = sampler
         self.stop_token_ids = jnp.asarray(stop_token_ids, dtype="int32")

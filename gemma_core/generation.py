@@ -9,7 +9,7 @@ Two decode loops, chosen by ``GenerationConfig.compact_decode``:
 - compact (default, JAX): ``gemma_core.decode.CompactDecoder`` prefills only the prompts, decodes
   each row from its own prompt's end, and stops once every row has ended or produced
   ``max_new_tokens``;
-- keras-hub's own ``generate_step`` (the plain path, and the one other backends use). Its sampler
+- keras-hub's own ``generate_step`` (the plain path, and the one other backends and models use). Its sampler
   is set without calling ``compile()``, which would throw the compiled loop away.
 
 >>> outputs = generate_answers(model, ["Instruction:\\nName a colour.\\n\\nResponse:\\n"],
@@ -134,7 +134,7 @@ def generate_answers(
     # shortest prompt of a batch to the batch's total length, so similar lengths waste few steps.
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     stops = stop_token_ids(model)
-    compact = cfg.compact_decode and keras.config.backend() == "jax"
+    compact = cfg.compact_decode and CompactDecoder.supports(model)
     generate = (_compact_loop if compact else _keras_hub_loop)(model, cfg, stops)
 
     answers: list[GeneratedAnswer | None] = [None] * len(prompts)

@@ -38,6 +38,29 @@ def test_compact_loop_gives_keras_hub_greedy_answers(tiny_model, sample_splits):
     assert [a.new_tokens for a in compact.answers] == [a.new_tokens for a in plain.answers]
 
 
+def test_other_models_use_keras_hub_loop(sample_splits):
+    """A Gemma (1) model keeps its cache in one stacked tensor, which the compact loop does not build:
+    generation falls back to keras-hub's loop rather than failing."""
+    import keras_hub
+
+    from gemma_core.tiny_gemma import train_tiny_tokenizer_proto
+
+    tokenizer = keras_hub.models.GemmaTokenizer(proto=train_tiny_tokenizer_proto())
+    backbone = keras_hub.models.GemmaBackbone(vocabulary_size=tokenizer.vocabulary_size(), num_layers=2,
+                                              num_query_heads=2, num_key_value_heads=1, hidden_dim=32,
+                                              intermediate_dim=64, head_dim=16)
+    model = keras_hub.models.GemmaCausalLM(
+        backbone=backbone, preprocessor=keras_hub.models.GemmaCausalLMPreprocessor(tokenizer, sequence_length=256))
+    assert not CompactDecoder.supports(model)
+    with pytest.raises(ValueError, match="needs a Gemma3CausalLM on JAX"):
+        CompactDecoder(model, make_sampler(GenerationConfig()), (1,))
+    cfg = GenerationConfig(max_new_tokens=5, batch_size=2)
+    default = generate_answers(model, prompts(sample_splits, 3), cfg)
+    plain = generate_answers(model, prompts(sample_splits, 3), cfg.model_copy(update={"compact_decode": False}))
+    assert [a.text for a in default.answers] == [a.text for a in plain.answers]
+    assert not hasattr(model, "_compact_decoders")
+
+
 def _right_padded(model, texts, total_length):
     inputs = model.preprocessor.generate_preprocess(texts, sequence_length=total_length)
     return np.asarray(inputs["token_ids"]), np.asarray(inputs["padding_mask"]).sum(axis=1)
