@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
 from flows.local_server import free_port, wait_healthy  # noqa: E402  (used here and by the tests)
+
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 GPU_TEMPLATES = REPO / "deployments" / "gpu"
 

@@ -9,8 +9,8 @@ Two decode loops, chosen by ``GenerationConfig.compact_decode``:
 - compact (default, JAX): ``gemma_core.decode.CompactDecoder`` prefills only the prompts, decodes
   each row from its own prompt's end, and stops once every row has ended or produced
   ``max_new_tokens``;
-- keras-hub's own ``generate_step`` (the plain path, and the one other backends and models use). Its sampler
-  is set without calling ``compile()``, which would throw the compiled loop away.
+- keras-hub's own ``generate_step`` (the plain path, and the one other backends and models use).
+  Its sampler is set without calling ``compile()``, which would throw the compiled loop away.
 
 >>> outputs = generate_answers(model, ["Instruction:\\nName a colour.\\n\\nResponse:\\n"],
 ...                            GenerationConfig(max_new_tokens=16))   # doctest: +SKIP
@@ -104,7 +104,7 @@ def _compact_loop(model, cfg: GenerationConfig, stops: tuple[int, ...]):
     """The compact decoder for this sampler, kept on the model so its compiled loop is reused; each
     call starts from the sampler's initial seed state, so answers depend on ``cfg.seed`` alone."""
     key = (cfg.sampler, cfg.top_k, cfg.top_p, cfg.temperature, cfg.seed, stops)
-    decoders = model.__dict__.setdefault("_compact_decoders", {})
+    decoders = model.__dict__.setdefault("_compact_decoders", {})  # past Keras's attribute tracking
     if key not in decoders:
         decoders[key] = CompactDecoder(model, make_sampler(cfg), stops)
     decoder = decoders[key]
@@ -130,8 +130,8 @@ def generate_answers(
         return GenerationRun([], 0.0, 0.0)
     tokenizer = model.preprocessor.tokenizer
     lengths = [len(tokenizer(p)) + 1 for p in prompts]  # + start token
-    # Prompts sorted by length share batches with their peers: keras-hub's loop runs from the
-    # shortest prompt of a batch to the batch's total length, so similar lengths waste few steps.
+    # Prompts sorted by length share batches with their peers: the compact loop prefills every row
+    # to the batch's longest prompt, keras-hub's steps from its shortest, so similar lengths waste little.
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     stops = stop_token_ids(model)
     compact = cfg.compact_decode and CompactDecoder.supports(model)
