@@ -38,6 +38,22 @@ def test_compact_loop_gives_keras_hub_greedy_answers(tiny_model, sample_splits):
     assert [a.new_tokens for a in compact.answers] == [a.new_tokens for a in plain.answers]
 
 
+def test_compact_loop_generates_with_an_adapter_enabled_after_its_first_use(tiny_model, sample_splits):
+    """The evaluation stages generate with the base model, then LoRA is enabled on the same model
+    and trained: the next generation must use the adapter, as keras-hub's loop does."""
+    cfg = GenerationConfig(max_new_tokens=8, batch_size=4)
+    before = generate_answers(tiny_model, prompts(sample_splits, 4), cfg)
+    tiny_model.backbone.enable_lora(2)
+    rng = np.random.default_rng(0)
+    for variable in tiny_model.trainable_variables:  # the LoRA kernels only: move B away from zero
+        variable.assign(rng.normal(0, 0.5, variable.shape).astype("float32"))
+    after = generate_answers(tiny_model, prompts(sample_splits, 4), cfg)
+    plain = generate_answers(tiny_model, prompts(sample_splits, 4), cfg.model_copy(update={"compact_decode": False}))
+    assert [a.text for a in after.answers] == [a.text for a in plain.answers]
+    assert [a.text for a in after.answers] != [a.text for a in before.answers]
+    assert len(tiny_model._compact_decoders) == 1
+
+
 def test_other_models_use_keras_hub_loop(sample_splits):
     """A Gemma (1) model keeps its cache in one stacked tensor, which the compact loop does not build:
     generation falls back to keras-hub's loop rather than failing."""
