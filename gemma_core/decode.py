@@ -13,8 +13,9 @@ the others answer, and every row runs on after it has produced ``max_new_tokens`
 
 Each step is the model's own ``call_with_cache`` followed by the keras-hub sampler's
 ``compute_probabilities`` and ``get_next_token``, so greedy decoding picks the same tokens as
-``model.generate``. Gemma 3 on JAX only (:meth:`CompactDecoder.supports`): the model's weights and the sampler's seed state are passed in as
-arrays (Keras's stateless scope), as keras-hub's own JAX generate function does.
+``model.generate``. Gemma 3 on JAX only (:meth:`CompactDecoder.supports`): the model's weights
+and the sampler's seed state are passed in as arrays (Keras's stateless scope), as keras-hub's own
+JAX generate function does.
 
 >>> decoder = CompactDecoder(model, keras_hub.samplers.GreedySampler(), stop_token_ids=(1, 106))  # doctest: +SKIP
 >>> token_ids, ends, state = decoder(token_ids, prompt_lengths, 64, decoder.initial_sampler_state())  # doctest: +SKIP
@@ -57,9 +58,18 @@ class CompactDecoder:
         self.model = model
         self.sampler = sampler
         self.stop_token_ids = jnp.asarray(stop_token_ids, dtype="int32")
-        self._weights = model.trainable_variables + model.non_trainable_variables
-        self._prefill = jax.jit(self._prefill_fn, static_argnames="cache_length")
-        self._decode = jax.jit(self._decode_fn)
+        self._weights: list = []
+        self._follow_model_variables()
+
+    def _follow_model_variables(self) -> None:
+        """Trace again if the model's variables changed since the last call (``enable_lora`` adds
+        some): a compiled program reads exactly the variables it was traced with, and would
+        otherwise generate without the adapter."""
+        weights = self.model.trainable_variables + self.model.non_trainable_variables
+        if [id(v) for v in weights] != [id(v) for v in self._weights]:
+            self._weights = weights
+            self._prefill = jax.jit(self._prefill_fn, static_argnames="cache_length")
+            self._decode = jax.jit(self._decode_fn)
 
     def initial_sampler_state(self) -> list[np.ndarray]:
         return [keras.ops.convert_to_numpy(v) for v in self.sampler.variables]
@@ -72,6 +82,7 @@ class CompactDecoder:
         if longest + max_new_tokens > total_length:
             raise ValueError(f"total_length {total_length} is too short for prompts of up to "
                              f"{longest} tokens plus {max_new_tokens} new tokens")
+        self._follow_model_variables()
         weights = [v.value for v in self._weights]
         prefill_length = min(total_length, PREFILL_BUCKET * math.ceil(longest / PREFILL_BUCKET))
         cache = self._prefill(weights, jnp.asarray(token_ids[:, :prefill_length], dtype="int32"),

@@ -102,17 +102,10 @@ def _keras_hub_loop(model, cfg: GenerationConfig, stops: tuple[int, ...]):
 
 def _compact_loop(model, cfg: GenerationConfig, stops: tuple[int, ...]):
     """The compact decoder for this sampler, kept on the model so its compiled loop is reused; each
-    call starts from the sampler's initial seed state, so answers depend on ``cfg.seed`` alone.
-
-    A decoder is tied to the model's variables as they were when it was built: after
-    ``enable_lora`` (new variables) the model gets a new one, or it would generate without the adapter.
-    """
-    variables = tuple(id(v) for v in model.trainable_variables + model.non_trainable_variables)
-    key = (cfg.sampler, cfg.top_k, cfg.top_p, cfg.temperature, cfg.seed, stops, variables)
+    call starts from the sampler's initial seed state, so answers depend on ``cfg.seed`` alone."""
+    key = (cfg.sampler, cfg.top_k, cfg.top_p, cfg.temperature, cfg.seed, stops)
     decoders = model.__dict__.setdefault("_compact_decoders", {})  # past Keras's attribute tracking
     if key not in decoders:
-        for stale in [k for k in decoders if k[-1] != variables]:
-            del decoders[stale]
         decoders[key] = CompactDecoder(model, make_sampler(cfg), stops)
     decoder = decoders[key]
     sampler_state = decoder.initial_sampler_state()
