@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from flows.local_server import free_port
+from flows.local_server import free_port, wait_healthy
 
 PREFECT = Path(sys.executable).parent / "prefect"
 
@@ -31,8 +31,6 @@ class PrefectServer:
         return env
 
     def start(self, timeout: float = 180) -> "PrefectServer":
-        import httpx
-
         self.starts += 1
         log = open(self.log_dir / f"prefect-server-{self.starts}.log", "wb")
         self.proc = subprocess.Popen(
@@ -40,18 +38,14 @@ class PrefectServer:
             stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True,
         )
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited with {self.proc.returncode}: {self.log_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"prefect server did not answer at {self.url} within {timeout} s")
+        try:
+            wait_healthy(self.url, timeout, self.proc)
+        except RuntimeError as err:
+            raise RuntimeError(f"{err}: {self.log_text()[-2000:]}") from err
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
