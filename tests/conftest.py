@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_preset(tmp_path_factory):
     """A tiny randomly initialised Gemma 3 saved as a local Keras preset (seconds to build)."""
-    from gemma_core.tiny_gemma import save_tiny_gemma3_preset
+    from tests.helpers.tiny_gemma import save_tiny_gemma3_preset
 
     return save_tiny_gemma3_preset(tmp_path_factory.mktemp("tiny") / "preset")
 

@@ -59,7 +59,7 @@ def test_other_models_use_keras_hub_loop(sample_splits):
     generation falls back to keras-hub's loop rather than failing."""
     import keras_hub
 
-    from gemma_core.tiny_gemma import train_tiny_tokenizer_proto
+    from tests.helpers.tiny_gemma import train_tiny_tokenizer_proto
 
     tokenizer = keras_hub.models.GemmaTokenizer(proto=train_tiny_tokenizer_proto())
     backbone = keras_hub.models.GemmaBackbone(vocabulary_size=tokenizer.vocabulary_size(), num_layers=2,

@@ -30,14 +30,14 @@ CHAT = "<start_of_turn>user\nName  two   things.<end_of_turn>\n<start_of_turn>mo
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    from gemma_core.tiny_gemma import save_tiny_gemma3_gguf
+    from tests.helpers.tiny_gemma import save_tiny_gemma3_gguf
 
     return save_tiny_gemma3_gguf(tmp_path_factory.mktemp("gguf") / "tiny-gemma3.gguf")
 
 
 @pytest.fixture(scope="module")
 def tiny_reference():
-    from gemma_core.tiny_gemma import make_tiny_gemma3
+    from tests.helpers.tiny_gemma import make_tiny_gemma3
 
     return make_tiny_gemma3(seed=0)
 
@@ -82,7 +82,7 @@ def test_tiny_preset_resolves_generates_and_trains(tiny_preset):
 
 
 def test_tiny_model_is_a_function_of_its_seed(tiny_reference):
-    from gemma_core.tiny_gemma import make_tiny_gemma3
+    from tests.helpers.tiny_gemma import make_tiny_gemma3
 
     other_seed = make_tiny_gemma3(seed=1)
     ids = [2, 40, 41, 42]

@@ -206,7 +206,7 @@ def test_data_manifest_rewritten_as_wrong_json_is_rebuilt(prepared, tmp_path, ca
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    from gemma_core.tiny_gemma import save_tiny_gemma3_gguf
+    from tests.helpers.tiny_gemma import save_tiny_gemma3_gguf
 
     return save_tiny_gemma3_gguf(tmp_path_factory.mktemp("gguf") / "tiny-gemma3.gguf")
 
