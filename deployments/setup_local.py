@@ -13,7 +13,8 @@
    process it started.
 
 Nothing is built or pushed: flow runs take the code from this checkout (GEMMA_LORA_CHECKOUT in the
-process pools' job template). The functions are also what tests/test_deployments.py uses.
+process pools' job template). The functions are also what the tests' deployment stack
+(tests/helpers/stack.py) uses; the server is flows/prefect_server.py's, as everywhere in the project.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
-from flows.local_server import free_port, wait_healthy  # noqa: E402  (used here and by the tests)
+from flows.prefect_server import PrefectServer, prefect_cli  # noqa: E402
 
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 GPU_TEMPLATES = REPO / "deployments" / "gpu"
@@ -57,12 +58,6 @@ GPU_BASE_JOB_TEMPLATES = {
 }
 
 
-def prefect_cli() -> list[str]:
-    """The `prefect` command of this interpreter's environment."""
-    exe = Path(sys.executable).parent / "prefect"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "prefect"]
-
-
 def base_env(api_url: str | None = None, **extra: str) -> dict[str, str]:
     """This process's environment with the project's Prefect defaults, pointed at ``api_url``."""
     from flows.env import apply_defaults
@@ -75,27 +70,7 @@ def base_env(api_url: str | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
-# --- processes -----------------------------------------------------------------------------------
-
-def start_server(home: Path, port: int, log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`prefect server start` on 127.0.0.1:``port`` with its own PREFECT_HOME (SQLite database there)."""
-    env = dict(env if env is not None else os.environ)
-    for key in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE"):
-        env.pop(key, None)
-    env.update({
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
-    })
-    home.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "ab")
-    try:
-        return subprocess.Popen([*prefect_cli(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    finally:
-        log.close()
-
+# --- workers (the server is flows.prefect_server.PrefectServer) -----------------------------------
 
 def start_worker(pool: str, env: dict[str, str], log_path: Path, name: str | None = None) -> subprocess.Popen:
     """A `process` worker for ``pool``; its flow runs inherit ``env``."""
@@ -145,7 +120,7 @@ def stop(proc: subprocess.Popen, first_wait: float = 5, grace: float = 15) -> in
 
 
 def stop_all(procs: Iterable[subprocess.Popen]) -> None:
-    """Stop every process, in the order given (workers before the server); never raises."""
+    """Stop every process, in the order given; never raises."""
     for proc in procs:
         try:
             stop(proc)
@@ -242,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs = REPO / ".prefect" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    started: list[subprocess.Popen] = []  # stopped in reverse: workers, then the server
+    server: PrefectServer | None = None  # started here when no API is given; stopped last
+    workers: list[subprocess.Popen] = []  # stopped in reverse order, before the server
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt
@@ -253,10 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         api_url = args.api_url
         if not api_url:
             home = Path(os.environ.get("PREFECT_HOME", REPO / ".prefect"))
-            api_url = f"http://127.0.0.1:{args.port}/api"
-            print(f"starting the Prefect server on {api_url} (database under {home}; log {logs / 'server.log'})")
-            started.append(start_server(home, args.port, logs / "server.log"))
-            seconds = wait_healthy(api_url, proc=started[-1])
+            server = PrefectServer.full(home, logs / "server.log", args.port)
+            api_url = server.api_url
+            print(f"starting the Prefect server on {api_url} (database under {home}; log {server.log_path})")
+            try:
+                seconds = server.spawn().wait_healthy()
+            except RuntimeError as err:
+                print(f"setup_local: {err}", file=sys.stderr)
+                return 1
             print(f"  healthy after {seconds:.0f} s")
         env = base_env(api_url, GEMMA_LORA_CHECKOUT=str(REPO))
         pools = create_pools(api_url, REPO, args.gpu_pool_type, args.gpu_concurrency)
@@ -264,12 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         apply_deployments(api_url, args.cron, env)
         print(f"deployments: {PIPELINE_DEPLOYMENT} (schedule {args.cron!r} UTC), {TRAINING_DEPLOYMENT}")
         if args.no_workers:
-            if started:
+            if server is not None:
                 print("--no-workers: the server started here stops now; use --api-url with a server of your own")
             return 0
         worker_pools = [CPU_POOL] + ([GPU_POOL] if args.gpu_pool_type == "process" else [])
         for pool in worker_pools:
-            started.append(start_worker(pool, env, logs / f"worker-{pool}.log"))
+            workers.append(start_worker(pool, env, logs / f"worker-{pool}.log"))
         print(f"workers: {', '.join(worker_pools)} (logs in {logs})")
         if args.gpu_pool_type != "process":
             print(f"  start the gpu pool's worker on the GPU machine: prefect worker start --pool {GPU_POOL} "
@@ -277,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         ui = api_url.removesuffix("/api")
         print(f"\nReady. Open {ui}/deployments and press Run on {PIPELINE_DEPLOYMENT}, or:\n"
               f"  PREFECT_API_URL={api_url} .venv/bin/prefect deployment run {PIPELINE_DEPLOYMENT}\n"
-              "Ctrl-C stops the workers" + (" and the server." if started and not args.api_url else "."))
+              "Ctrl-C stops the workers" + (" and the server." if server is not None else "."))
         while True:
-            for proc in started:
+            for proc in [*([server.process] if server is not None else []), *workers]:
                 if proc.poll() is not None:
                     print(f"pid {proc.pid} ({' '.join(map(str, proc.args[1:4]))}) exited with {proc.returncode}",
                           file=sys.stderr)
@@ -290,9 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not leave processes behind
             signal.signal(sig, signal.SIG_IGN)
-        if started:
-            print(f"stopping {len(started)} processes ...", flush=True)
-        stop_all(reversed(started))
+        if workers or server is not None:
+            print(f"stopping {len(workers) + (server is not None)} processes ...", flush=True)
+        stop_all(reversed(workers))
+        if server is not None:
+            try:
+                server.stop()
+            except Exception as err:
+                print(f"could not stop the Prefect server (pid {server.process.pid}): {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

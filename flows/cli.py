@@ -86,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: PipelineConfig, result_storage: str | None) -> int:
-    from flows.local_server import LocalServer
+    from flows.prefect_server import PrefectServer
 
     # Started first, so that the server starts up while the pipeline's modules import.
-    local = None if os.environ.get("PREFECT_API_URL") else LocalServer.start()
+    local = None if os.environ.get("PREFECT_API_URL") else PrefectServer.temporary()
     from flows.pipeline import gemma_lora_pipeline
 
     server = _prefect_server()  # a server named in the active Prefect profile counts too
@@ -97,7 +97,7 @@ def _run(cfg: PipelineConfig, result_storage: str | None) -> int:
         local.stop()
     elif local is not None:
         try:
-            local.wait_ready()
+            local.wait_healthy()
         except RuntimeError as err:
             print(f"gemma-lora: {err}", file=sys.stderr)
             return 1

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from deployments import setup_local
+from tests.helpers.prefect_server import isolated_server
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
@@ -441,11 +442,10 @@ def stack(tmp_path_factory):
     s = Stack(root)
     started = time.monotonic()
     try:
-        port = setup_local.free_port()
-        s.api = f"http://127.0.0.1:{port}/api"
-        s.logs["server"] = root / "server.log"
-        s.procs.append(setup_local.start_server(root / "server-home", port, s.logs["server"]))
-        s.timings["server healthy"] = setup_local.wait_healthy(s.api, timeout=180, proc=s.procs[0])
+        server = isolated_server(root / "server-home", root / "server.log", ui=True)
+        s.api, s.logs["server"] = server.api_url, server.log_path
+        s.procs.append(server.spawn().process)
+        s.timings["server healthy"] = server.wait_healthy()
         t = time.monotonic()
         # Flow runs take their code from a checkout (the pull step): a snapshot of this one, so that
         # edits made to the working tree while the test runs cannot change cache keys mid-test.

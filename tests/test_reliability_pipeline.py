@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from helpers import procs
-from helpers.prefect_server import PrefectServer
+from flows.prefect_server import PrefectServer
+from helpers.prefect_server import isolated_server
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ RUN_TIMEOUT = 900
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("prefect-server")
-    srv = PrefectServer(work / "home", work).start()
+    srv = isolated_server(work / "home", work / "prefect-server.log").start()
     yield srv
     srv.stop()
 
@@ -43,7 +44,7 @@ def server(tmp_path_factory):
 def cli_env(server: PrefectServer, home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PREFECT_", "GEMMA_LORA_RESULT", "GEMMA_LORA_FAIL", "RELIABILITY_"))}
-    env.update(PYTHONPATH=str(procs.REPO), PREFECT_HOME=str(home), PREFECT_API_URL=server.url,
+    env.update(PYTHONPATH=str(procs.REPO), PREFECT_HOME=str(home), PREFECT_API_URL=server.api_url,
                PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", **extra)
     return env
 
@@ -142,13 +143,13 @@ def test_prefect_server_stops_mid_run_then_comes_back(server, tiny_preset, tmp_p
         run.close()
     output = run.output()
     assert rc == 1, output[-4000:]
-    assert f"lost the Prefect server at {server.url}" in output, output[-4000:]
+    assert f"lost the Prefect server at {server.api_url}" in output, output[-4000:]
     assert "run the same command" in output
 
     # While it is down, a new run fails at once, naming the URL.
     early = run_cli(tmp_path, "server-down", server, tiny_preset, root)
     assert early.finish(RUN_TIMEOUT) == 1
-    assert f"the Prefect server at {server.url} (PREFECT_API_URL) does not answer" in early.output()
+    assert f"the Prefect server at {server.api_url} (PREFECT_API_URL) does not answer" in early.output()
 
     server.start()  # same port, same database
     again = run_cli(tmp_path, "server-back", server, tiny_preset, root)

@@ -143,18 +143,18 @@ def searchable_files(*roots: Path, since: float | None = None, skip: tuple[Path,
 @pytest.mark.slow
 def test_nothing_a_run_writes_or_prints_holds_a_credential(tiny_preset, tmp_path):
     from helpers import procs
-    from helpers.prefect_server import PrefectServer
+    from helpers.prefect_server import isolated_server
 
     started = time.time()
     home = tmp_path / "home"
     kaggle_json = write_kaggle_json(home)
-    server = PrefectServer(tmp_path / "server-home", tmp_path).start()
+    server = isolated_server(tmp_path / "server-home", tmp_path / "prefect-server.log").start()
     try:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("PREFECT_", "GEMMA_LORA_", "RELIABILITY_", "KAGGLE_", "HF_"))}
         env.update(
             HOME=str(home), PYTHONPATH=str(procs.REPO), PREFECT_HOME=str(tmp_path / "client-home"),
-            PREFECT_API_URL=server.url, PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+            PREFECT_API_URL=server.api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
             PREFECT_LOGGING_LEVEL="DEBUG", KAGGLE_USERNAME="reliability-user", KAGGLE_KEY=SECRETS["KAGGLE_KEY"],
             KAGGLE_API_TOKEN=SECRETS["KAGGLE_API_TOKEN"], HF_TOKEN=SECRETS["HF_TOKEN"], GEMMA_LORA_OFFLINE="1",
             # the XLA cache stays where the test session keeps it (a cold one costs minutes), and is searched
