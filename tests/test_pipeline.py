@@ -14,26 +14,14 @@ from pathlib import Path
 
 import pytest
 
-STAGES = ("prepare-data", "resolve-model", "evaluate-base", "train-lora", "evaluate-tuned", "render-report")
+from tasks.stages import PIPELINE_STAGES as STAGES
+from tests.helpers.stage_states import stage_states
+from tests.helpers.tiny_config import tiny_pipeline_config as tiny_config
+
 ALL_CACHED = dict.fromkeys(STAGES, "Cached")
 
 
-def tiny_config(preset, root, **changes):
-    cfg = {
-        "model": {"spec": str(preset)},
-        "output": {"root": str(root)},
-        "data": {"train_limit": 8},
-        "train": {"max_steps": 4, "batch_size": 2, "sequence_length": 96, "checkpoint_every": 2},
-        "generation": {"max_new_tokens": 6, "batch_size": 4},
-        "evaluation": {"num_prompts": 4, "num_side_by_side": 2},
-    }
-    for dotted, value in changes.items():
-        section, field = dotted.split("__")
-        cfg.setdefault(section, {})[field] = value
-    return cfg
-
-
-def stage_states(flow_run_id) -> dict[str, str]:
+def run_stage_states(flow_run_id) -> dict[str, str]:
     """Final state of every stage task of a pipeline run (and of its training subflow), from the API."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
@@ -43,13 +31,7 @@ def stage_states(flow_run_id) -> dict[str, str]:
             flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
         )
         ids = [flow_run_id, *(c.id for c in children)]
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-    states = {}
-    for run in runs:
-        name = run.name.rsplit("-", 1)[0]
-        if name in STAGES:
-            states[name] = run.state.name
-    return states
+        return stage_states(client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))))
 
 
 def run_pipeline(cfg, storage, monkeypatch=None, fail_at=None):
@@ -61,7 +43,7 @@ def run_pipeline(cfg, storage, monkeypatch=None, fail_at=None):
         else:
             monkeypatch.delenv("GEMMA_LORA_FAIL_AT", raising=False)
     state = gemma_lora_pipeline(config=cfg, result_storage=storage, return_state=True)
-    return state, stage_states(state.state_details.flow_run_id)
+    return state, run_stage_states(state.state_details.flow_run_id)
 
 
 def expect(**states):

@@ -12,6 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+from tasks.stages import PIPELINE_STAGES
+from .tiny_config import tiny_pipeline_config
+
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_DRIVER = REPO / "tests" / "helpers" / "train_driver.py"
 
@@ -122,20 +125,17 @@ def train_to_end(preset: Path, out_dir: Path, log_path: Path, **options) -> dict
 
 
 PIPELINE_DRIVER = REPO / "tests" / "helpers" / "pipeline_driver.py"
-STAGES = ("prepare-data", "resolve-model", "evaluate-base", "train-lora", "evaluate-tuned", "render-report")
+STAGES = PIPELINE_STAGES
 
 
 def tiny_overrides(preset: Path, root: Path, **changes) -> list[str]:
-    """``--set`` options of the tiny pipeline (as in tests/test_pipeline.py's tiny_config)."""
-    values = {
-        "model.spec": str(preset), "output.root": str(root), "data.train_limit": 8, "train.max_steps": 4,
-        "train.batch_size": 2, "train.sequence_length": 96, "train.checkpoint_every": 2,
-        "generation.max_new_tokens": 6, "generation.batch_size": 4, "evaluation.num_prompts": 4,
-        "evaluation.num_side_by_side": 2, **changes,
-    }
+    """``--set`` options of the tiny pipeline (tests/helpers/tiny_config.py); ``changes`` are dotted
+    (``**{"model.spec": "gemma3_1b"}``)."""
+    cfg = tiny_pipeline_config(preset, root, **{key.replace(".", "__", 1): value for key, value in changes.items()})
     options = []
-    for key, value in values.items():
-        options += ["--set", f"{key}={value}"]
+    for section, fields in cfg.items():
+        for field, value in fields.items():
+            options += ["--set", f"{section}.{field}={value}"]
     return options
 
 
