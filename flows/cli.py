@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gemma_core.config import ConfigError, PipelineConfig, load_config
+from gemma_core.formatting import format_fixed
 
 LATEST = Path("reports") / "latest.json"
 
@@ -169,7 +170,7 @@ def _summary_text(summary: dict[str, Any], seconds: float) -> str:
     lines += [
         "",
         f"  {'metric':<22} {'base':>9} {'tuned':>9}",
-        *[f"  {label:<22} {_f(base.get(key)):>9} {_f(tuned.get(key)):>9}"
+        *[f"  {label:<22} {format_fixed(base.get(key)):>9} {format_fixed(tuned.get(key)):>9}"
           for key, label in (("completion_loss", "held-out loss"), ("rouge_l_f1", "ROUGE-L F1"),
                              ("eos_rate", "end-of-sequence rate"), ("mean_answer_tokens", "answer length"))],
         "",
@@ -177,10 +178,6 @@ def _summary_text(summary: dict[str, Any], seconds: float) -> str:
         f"  report: {Path(summary['report_dir']) / 'report.html'}  (gemma-lora report to print it)",
     ]
     return "\n".join(lines)
-
-
-def _f(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _latest(cfg: PipelineConfig) -> dict[str, Any] | None:

@@ -1,11 +1,15 @@
 """The comparison report: base vs tuned model on the same held-out prompts, rendered three ways.
 
 Pure rendering, no orchestration: the pipeline hands in the two evaluation reports (as produced by
-``EvalReport.to_dict()``), the training log and a run manifest, and gets back Markdown (for the
-Prefect artifact and ``report.md``), a standalone HTML page with the training curve embedded as a
-base64 PNG, and a JSON document of every number (``metrics.json``).
+``EvalReport.to_dict()``), the training log and a run manifest. :func:`build_report` computes every
+number (``metrics.json``); :func:`sections` turns the report into its sections as plain data (title,
+table of cells, training curve, collapsed details); :func:`render_markdown` (for the Prefect artifact and
+``report.md``) and :func:`render_html` (a standalone page, the training curve embedded as a base64
+PNG) only draw those sections, so the two always show the same tables.
 
 >>> report = build_report(base_eval, tuned_eval, training, manifest, num_side_by_side=6)  # doctest: +SKIP
+>>> [s.title for s in sections(report)] == list(REPORT_SECTIONS)                        # doctest: +SKIP
+True
 >>> paths = write_report(report, "runs/reports/report-abc")                              # doctest: +SKIP
 >>> sorted(paths)                                                                       # doctest: +SKIP
 ['html', 'markdown', 'metrics', 'training_curve']
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from gemma_core.atomic import atomic_write_bytes, atomic_write_text
+from gemma_core.formatting import format_metric, truncate
 
 # metric key -> (label, which direction is better: +1 higher, -1 lower, 0 neither)
 METRICS: dict[str, tuple[str, int]] = {
@@ -34,15 +39,11 @@ METRICS: dict[str, tuple[str, int]] = {
     "eos_rate": ("end-of-sequence rate", +1),
     "mean_answer_tokens": ("answer length (tokens)", 0),
 }
-REPORT_SECTIONS = (
-    "Overall metrics",
-    "Per category",
-    "Side-by-side answers",
-    "Training curve",
-    "Run manifest",
-)
+REPORT_SECTIONS = ("Overall metrics", "Per category", "Side-by-side answers", "Training curve", "Run manifest")
+TITLE = "LoRA fine-tuning report: base vs tuned"
 LIBRARIES = ("keras", "keras-hub", "jax", "tensorflow", "prefect", "numpy", "pandas")
 ANSWER_CHARS = 600  # answers are cut to this length in the Markdown and HTML (metrics.json keeps all)
+VALUE_CHARS = 300  # manifest values are cut to this length in the Markdown (the HTML shows them whole)
 
 
 @dataclass(frozen=True)
@@ -82,18 +83,11 @@ def prompt_rows(base_eval: dict[str, Any], tuned_eval: dict[str, Any]) -> list[d
         if b["instruction"] != t["instruction"]:
             raise ValueError(f"prompt {i} differs between the base and tuned evaluations: they must use the same prompts")
         rows.append({
-            "index": i,
-            "category": b["category"],
-            "instruction": b["instruction"],
-            "reference": b["reference"],
-            "base_answer": b["answer"],
-            "tuned_answer": t["answer"],
-            "base_rouge_l": round(float(b["rouge_l_f1"]), 4),
-            "tuned_rouge_l": round(float(t["rouge_l_f1"]), 4),
-            "base_ended": bool(b["ended_with_eos"]),
-            "tuned_ended": bool(t["ended_with_eos"]),
-            "base_tokens": int(b["new_tokens"]),
-            "tuned_tokens": int(t["new_tokens"]),
+            "index": i, "category": b["category"], "instruction": b["instruction"], "reference": b["reference"],
+            "base_answer": b["answer"], "tuned_answer": t["answer"],
+            "base_rouge_l": round(float(b["rouge_l_f1"]), 4), "tuned_rouge_l": round(float(t["rouge_l_f1"]), 4),
+            "base_ended": bool(b["ended_with_eos"]), "tuned_ended": bool(t["ended_with_eos"]),
+            "base_tokens": int(b["new_tokens"]), "tuned_tokens": int(t["new_tokens"]),
         })
     if len(base_eval["rows"]) != len(tuned_eval["rows"]):
         raise ValueError(
@@ -188,7 +182,7 @@ def curve_caption(losses: Sequence[float]) -> str:
     first, last = sum(losses[:n]) / n, sum(losses[-n:]) / n
     span = "step 1" if n == 1 else f"steps 1-{n}"
     end = f"step {len(losses)}" if n == 1 else f"steps {len(losses) - n + 1}-{len(losses)}"
-    return f"{len(losses)} steps; mean loss {_fmt(first)} over {span} → {_fmt(last)} over {end}"
+    return f"{len(losses)} steps; mean loss {format_metric(first)} over {span} → {format_metric(last)} over {end}"
 
 
 def sparkline(values: Sequence[float], width: int = 48) -> str:
@@ -206,98 +200,179 @@ def sparkline(values: Sequence[float], width: int = 48) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# The sections as data: both renderers draw exactly these
+
+
+@dataclass(frozen=True)
+class Column:
+    title: str
+    sub: str | None = None  # a second line under the title
+    right: bool = False  # right-aligned in the Markdown
+
+
+@dataclass(frozen=True)
+class Cell:
+    text: str
+    kind: str = "label"  # label, num, answer (free text, cut to ANSWER_CHARS), value (free text the Markdown cuts)
+    change: str | None = None  # a metric's change: after the text, or alone when the text is empty
+    direction: str = ""  # the change is "better", "worse" or neither (""): the HTML colours it
+    remark: str | None = None  # a short aside after the text
+
+
+@dataclass(frozen=True)
+class Table:
+    columns: tuple[Column, ...]
+    rows: tuple[tuple[Cell, ...], ...]
+    key_column: bool = False  # each row starts with its key: a list of key/value pairs
+    empty: str | None = None  # said instead of the table when it has no rows
+
+
+@dataclass(frozen=True)
+class Curve:
+    alt: str
+    caption: str | None  # None: there were no training steps
+    sparkline: str  # the curve as text, for viewers that show no image
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    table: Table | None = None
+    curve: Curve | None = None
+    details: tuple[str, str] | None = None  # (summary, JSON text): a collapsed block
+
+
+class Code(str):
+    """Inline code in a paragraph; a paragraph is a tuple of ``str`` and ``Code`` parts."""
+
+
+def intro(report: Report) -> tuple[str, ...]:
+    """The paragraph under the title: model, data and how many answers changed."""
+    m, manifest = report.metrics, report.manifest
+    return (
+        "Model ", Code(manifest.get("model", {}).get("spec", "?")),
+        ", data ", Code(manifest.get("data", {}).get("source", "?")),
+        f" ({m['num_prompts']} held-out prompts, same prompts and seeds for both models; "
+        f"{m['answers_changed']} of {m['num_prompts']} answers changed).",
+    )
+
+
+def sections(report: Report) -> list[Section]:
+    """The report's sections, in REPORT_SECTIONS order, as data."""
+    m, manifest, losses = report.metrics, report.manifest, report.losses
+    config = ("config", json.dumps(manifest["config"], indent=2, sort_keys=True)) if "config" in manifest else None
+    curve = Curve("training loss per step", curve_caption(losses) if losses else None, sparkline(losses))
+    return [
+        Section(REPORT_SECTIONS[0], table=_overall_table(m["overall"])),
+        Section(REPORT_SECTIONS[1], table=_category_table(m["per_category"])),
+        Section(REPORT_SECTIONS[2], table=_side_by_side_table(report.side_by_side)),
+        Section(REPORT_SECTIONS[3], curve=curve),
+        Section(REPORT_SECTIONS[4], table=_manifest_table(manifest), details=config),
+    ]
+
+
+def _overall_table(overall: dict[str, dict[str, float | None]]) -> Table:
+    rows = tuple(
+        (Cell(label), *(Cell(format_metric(overall[key][side]), "num") for side in ("base", "tuned")),
+         _change_cell("", overall[key]["change"], better))
+        for key, (label, better) in METRICS.items()
+    )
+    return Table((Column("metric"), *(Column(t, right=True) for t in ("base", "tuned", "change"))), rows)
+
+
+def _category_table(per_category: dict[str, dict[str, Any]]) -> Table:
+    columns = (Column("category"), Column("n"), *(Column(label, sub="base → tuned") for label, _ in METRICS.values()))
+    rows = tuple(
+        (Cell(cat), Cell(str(values["examples"]), "num"), *(
+            _change_cell(f"{format_metric(values[key]['base'])} → {format_metric(values[key]['tuned'])}",
+                         values[key]["change"], better) for key, (_, better) in METRICS.items()))
+        for cat, values in per_category.items()
+    )
+    return Table(columns, rows)
+
+
+def _change_cell(text: str, change: float | None, better: int) -> Cell:
+    """A metric's change, marked ✓/✗ (and coloured in the HTML) when it went the better/worse way."""
+    if change is None:
+        return Cell(text, "num", change="n/a")
+    mark, direction = ((" ✓", "better") if change * better > 0 else (" ✗", "worse")) if better and change else ("", "")
+    return Cell(text, "num", change=f"{'+' if change > 0 else ''}{format_metric(change)}{mark}", direction=direction)
+
+
+def _side_by_side_table(prompts: list[dict[str, Any]]) -> Table:
+    columns = tuple(Column(t) for t in ("#", "category", "prompt", "reference", "base model", "tuned model"))
+    rows = tuple(
+        (Cell(str(r["index"] + 1)), Cell(r["category"]), _answer(r["instruction"]), _answer(r["reference"]),
+         _answer(r["base_answer"], r["base_ended"]), _answer(r["tuned_answer"], r["tuned_ended"]))
+        for r in prompts
+    )
+    return Table(columns, rows, empty="(none requested: evaluation.num_side_by_side = 0)")
+
+
+def _answer(text: str, ended: bool = True) -> Cell:
+    return Cell(truncate(text, ANSWER_CHARS), "answer", remark=None if ended else "cut at max_new_tokens")
+
+
+def _manifest_table(manifest: dict[str, Any]) -> Table:
+    rows = tuple((Cell(key), Cell(_fmt_value(value), "value")) for key, value in _flatten(manifest, skip=("config",)))
+    return Table((Column("item"), Column("value")), rows, key_column=True)
+
+
+# ----------------------------------------------------------------------------------------------
 # Markdown
 
 
 def render_markdown(report: Report, curve_src: str | None) -> str:
     """The report as Markdown; ``curve_src`` is the training-curve image's URL (a file name or a data: URI)."""
-    m = report.metrics
-    out = ["# LoRA fine-tuning report: base vs tuned", ""]
-    manifest = report.manifest
-    model = manifest.get("model", {})
-    data = manifest.get("data", {})
-    out.append(
-        f"Model `{model.get('spec', '?')}`, data `{data.get('source', '?')}` "
-        f"({m['num_prompts']} held-out prompts, same prompts and seeds for both models; "
-        f"{m['answers_changed']} of {m['num_prompts']} answers changed)."
-    )
-    out.append("")
-    for note in report.notes:
-        out += [f"> {note}", ""]
-
-    out += [f"## {REPORT_SECTIONS[0]}", "", *_md_metric_table(m["overall"]), ""]
-
-    out += [f"## {REPORT_SECTIONS[1]}", ""]
-    header = ["category", "n"] + [f"{METRICS[k][0]} (base → tuned)" for k in METRICS]
-    out += [_md_row(header), _md_row(["---"] * len(header))]
-    for cat, values in m["per_category"].items():
-        cells = [cat, str(values["examples"])]
-        for key in METRICS:
-            v = values[key]
-            cells.append(f"{_fmt(v['base'])} → {_fmt(v['tuned'])} ({_fmt_change(v['change'], METRICS[key][1])})")
-        out.append(_md_row(cells))
-    out.append("")
-
-    out += [f"## {REPORT_SECTIONS[2]}", ""]
-    if not report.side_by_side:
-        out += ["(none requested: evaluation.num_side_by_side = 0)", ""]
-    else:
-        out += [_md_row(["#", "category", "prompt", "reference", "base model", "tuned model"]),
-                _md_row(["---"] * 6)]
-        for row in report.side_by_side:
-            out.append(_md_row([
-                str(row["index"] + 1), row["category"], _md_cell(row["instruction"]), _md_cell(row["reference"]),
-                _md_cell(row["base_answer"]) + _md_ended(row["base_ended"]),
-                _md_cell(row["tuned_answer"]) + _md_ended(row["tuned_ended"]),
-            ]))
-        out.append("")
-
-    out += [f"## {REPORT_SECTIONS[3]}", ""]
-    losses = report.losses
-    if curve_src:
-        out += [f"![training loss per step]({curve_src})", ""]
-    if losses:
-        out += [f"`{sparkline(losses)}` {curve_caption(losses)}", ""]
-    else:
-        out += ["(no training steps)", ""]
-
-    out += [f"## {REPORT_SECTIONS[4]}", "", *_md_manifest(manifest), ""]
-    return "\n".join(out)
+    blocks = [[f"# {TITLE}"], [_md_text(intro(report))], *([f"> {note}"] for note in report.notes)]
+    for section in sections(report):
+        blocks += _md_section(section, curve_src)
+    return "\n".join(line for block in blocks for line in (*block, ""))  # a blank line after each block
 
 
-def _md_metric_table(comparison: dict[str, dict[str, float | None]]) -> list[str]:
-    lines = [_md_row(["metric", "base", "tuned", "change"]), _md_row(["---", "---:", "---:", "---:"])]
-    for key, (label, better) in METRICS.items():
-        v = comparison[key]
-        lines.append(_md_row([label, _fmt(v["base"]), _fmt(v["tuned"]), _fmt_change(v["change"], better)]))
-    return lines
+def _md_section(section: Section, curve_src: str | None) -> list[list[str]]:
+    table, curve, blocks = section.table, section.curve, [[f"## {section.title}"]]
+    if table is not None:
+        blocks.append(_md_table(table) if table.rows or table.empty is None else [table.empty])
+    if curve is not None:
+        blocks += [[f"![{curve.alt}]({curve_src})"]] if curve_src else []
+        blocks.append([f"`{curve.sparkline}` {curve.caption}" if curve.caption else "(no training steps)"])
+    if section.details is not None:
+        summary, text = section.details
+        blocks.append([f"<details><summary>{summary}</summary>", "", "```json", text, "```", "", "</details>"])
+    return blocks
 
 
-def _md_manifest(manifest: dict[str, Any]) -> list[str]:
-    lines = [_md_row(["item", "value"]), _md_row(["---", "---"])]
-    for key, value in _flatten(manifest, skip=("config",)):
-        lines.append(_md_row([key, _md_cell(_fmt_value(value), limit=300)]))
-    if "config" in manifest:
-        lines += ["", "<details><summary>config</summary>", "", "```json",
-                  json.dumps(manifest["config"], indent=2, sort_keys=True), "```", "", "</details>"]
-    return lines
+def _md_table(table: Table) -> list[str]:
+    return [
+        _md_row(f"{c.title} ({c.sub})" if c.sub else c.title for c in table.columns),
+        _md_row("---:" if c.right else "---" for c in table.columns),
+        *(_md_row(_md_cell(cell) for cell in row) for row in table.rows),
+    ]
 
 
-def _md_row(cells: Sequence[str]) -> str:
+def _md_row(cells: Iterable[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _md_cell(text: str, limit: int = ANSWER_CHARS) -> str:
-    text = str(text)
-    if len(text) > limit:
-        text = text[:limit].rstrip() + " …"
-    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "")
-    text = html.escape(text, quote=False)
+def _md_cell(cell: Cell) -> str:
+    if cell.kind in ("answer", "value"):  # free text; an answer is already cut to ANSWER_CHARS
+        text = _md_escape(cell.text if cell.kind == "answer" else truncate(cell.text, VALUE_CHARS))
+    else:
+        text = cell.text
+    if cell.change is not None:
+        text = f"{text} ({cell.change})" if text else cell.change
+    return text + (f" *({cell.remark})*" if cell.remark else "")
+
+
+def _md_escape(text: str) -> str:
+    """Free text inside a table cell: one line, no column breaks, no raw HTML."""
+    text = html.escape(text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", ""), quote=False)
     return text.replace("\n", "<br>") or "*(empty)*"
 
 
-def _md_ended(ended: bool) -> str:
-    return "" if ended else " *(cut at max_new_tokens)*"
+def _md_text(parts: Sequence[str]) -> str:
+    return "".join(f"`{p}`" if isinstance(p, Code) else p for p in parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,90 +389,69 @@ th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums
 padding:0.5rem 1rem} pre{background:#f6f8fa;padding:0.75rem;overflow:auto;font-size:0.8rem}
 td.answer{white-space:pre-wrap;max-width:22rem}
 """
+_e = html.escape
 
 
 def render_html(report: Report, curve_png: bytes | None) -> str:
     """A standalone HTML page (no external files): the training curve is embedded as base64 PNG."""
-    m = report.metrics
-    e = html.escape
-    manifest = report.manifest
-    parts = [
+    lines = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         "<title>LoRA fine-tuning report</title>", f"<style>{_CSS}</style></head><body>",
-        "<h1>LoRA fine-tuning report: base vs tuned</h1>",
-        f"<p>Model <code>{e(str(manifest.get('model', {}).get('spec', '?')))}</code>, data "
-        f"<code>{e(str(manifest.get('data', {}).get('source', '?')))}</code> ({m['num_prompts']} held-out "
-        f"prompts, same prompts and seeds for both models; {m['answers_changed']} of {m['num_prompts']} "
-        "answers changed).</p>",
+        f"<h1>{_e(TITLE)}</h1>", f"<p>{_html_text(intro(report))}</p>",
+        *(f'<p class="note">{_e(note)}</p>' for note in report.notes),
     ]
-    for note in report.notes:
-        parts.append(f'<p class="note">{e(note)}</p>')
-
-    parts.append(f"<h2>{REPORT_SECTIONS[0]}</h2><table><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr>")
-    for key, (label, better) in METRICS.items():
-        v = m["overall"][key]
-        parts.append(
-            f"<tr><td>{e(label)}</td><td class=num>{_fmt(v['base'])}</td><td class=num>{_fmt(v['tuned'])}</td>"
-            f"<td class=\"num {_direction(v['change'], better)}\">{e(_fmt_change(v['change'], better))}</td></tr>"
-        )
-    parts.append("</table>")
-
-    parts.append(f"<h2>{REPORT_SECTIONS[1]}</h2><table><tr><th>category</th><th>n</th>")
-    parts += [f"<th>{e(METRICS[k][0])}<br>base → tuned</th>" for k in METRICS]
-    parts.append("</tr>")
-    for cat, values in m["per_category"].items():
-        parts.append(f"<tr><td>{e(cat)}</td><td class=num>{values['examples']}</td>")
-        for key in METRICS:
-            v = values[key]
-            parts.append(
-                f"<td class=num>{_fmt(v['base'])} → {_fmt(v['tuned'])} "
-                f"<span class=\"{_direction(v['change'], METRICS[key][1])}\">"
-                f"({e(_fmt_change(v['change'], METRICS[key][1]))})</span></td>"
-            )
-        parts.append("</tr>")
-    parts.append("</table>")
-
-    parts.append(f"<h2>{REPORT_SECTIONS[2]}</h2>")
-    if report.side_by_side:
-        parts.append("<table><tr><th>#</th><th>category</th><th>prompt</th><th>reference</th>"
-                     "<th>base model</th><th>tuned model</th></tr>")
-        for row in report.side_by_side:
-            parts.append(
-                f"<tr><td>{row['index'] + 1}</td><td>{e(row['category'])}</td>"
-                f"<td class=answer>{e(_cut(row['instruction']))}</td><td class=answer>{e(_cut(row['reference']))}</td>"
-                f"<td class=answer>{e(_cut(row['base_answer']))}{_html_ended(row['base_ended'])}</td>"
-                f"<td class=answer>{e(_cut(row['tuned_answer']))}{_html_ended(row['tuned_ended'])}</td></tr>"
-            )
-        parts.append("</table>")
-    else:
-        parts.append("<p>(none requested: evaluation.num_side_by_side = 0)</p>")
-
-    parts.append(f"<h2>{REPORT_SECTIONS[3]}</h2>")
-    if curve_png:
-        encoded = base64.b64encode(curve_png).decode("ascii")
-        parts.append(f'<img alt="training loss per step" src="data:image/png;base64,{encoded}">')
-    if report.losses:
-        parts.append(f"<p>{e(curve_caption(report.losses))}</p>")
-
-    parts.append(f"<h2>{REPORT_SECTIONS[4]}</h2><table>")
-    for key, value in _flatten(manifest, skip=("config",)):
-        parts.append(f"<tr><th>{e(key)}</th><td>{e(_fmt_value(value))}</td></tr>")
-    parts.append("</table>")
-    if "config" in manifest:
-        parts.append("<details><summary>config</summary><pre>"
-                     f"{e(json.dumps(manifest['config'], indent=2, sort_keys=True))}</pre></details>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    for section in sections(report):
+        lines += _html_section(section, curve_png)
+    return "\n".join([*lines, "</body></html>"])
 
 
-def _html_ended(ended: bool) -> str:
-    return "" if ended else "<br><em>(cut at max_new_tokens)</em>"
+def _html_section(section: Section, curve_png: bytes | None) -> list[str]:
+    table, curve, lines = section.table, section.curve, [f"<h2>{_e(section.title)}</h2>"]
+    if table is not None and table.empty is None:  # a table that is always there opens on the heading's line
+        lines[0] += _html_table(table)
+    elif table is not None:
+        lines.append(_html_table(table) if table.rows else f"<p>{_e(table.empty)}</p>")
+    if curve is not None and curve_png:
+        lines.append(f'<img alt="{_e(curve.alt)}" src="{curve_data_uri(curve_png)}">')
+    if curve is not None and curve.caption:
+        lines.append(f"<p>{_e(curve.caption)}</p>")
+    if section.details is not None:
+        lines.append("<details><summary>{}</summary><pre>{}</pre></details>".format(*map(_e, section.details)))
+    return lines
 
 
-def _direction(change: float | None, better: int) -> str:
-    if change is None or better == 0 or change == 0:
-        return ""
-    return "better" if change * better > 0 else "worse"
+def _html_table(table: Table) -> str:
+    """A key/value table marks each row's key as a header instead of having a header row."""
+    head = "" if table.key_column else _html_row([(_html_column(c), bool(c.sub)) for c in table.columns])
+    rows = [
+        _html_row([(_html_cell(cell, "th" if table.key_column and not i else "td"), bool(cell.text and cell.change))
+                   for i, cell in enumerate(row)])
+        for row in table.rows
+    ]
+    return "\n".join([f"<table>{head}", *rows, "</table>"])
+
+
+def _html_row(cells: Sequence[tuple[str, bool]]) -> str:
+    """A <tr> of (html, paired) cells; a cell pairing two things starts a line of its own (as the page always had)."""
+    row = "<tr>" + "".join("\n" + cell if paired else cell for cell, paired in cells)
+    return row + ("\n</tr>" if any(paired for _, paired in cells) else "</tr>")
+
+
+def _html_column(column: Column) -> str:
+    return f"<th>{_e(column.title)}<br>{_e(column.sub)}</th>" if column.sub else f"<th>{_e(column.title)}</th>"
+
+
+def _html_cell(cell: Cell, tag: str) -> str:
+    if cell.change is not None and not cell.text:
+        return f'<{tag} class="num {cell.direction}">{_e(cell.change)}</{tag}>'
+    body = _e(cell.text) + (f' <span class="{cell.direction}">({_e(cell.change)})</span>' if cell.change else "")
+    body += f"<br><em>({_e(cell.remark)})</em>" if cell.remark else ""
+    attr = {"num": " class=num", "answer": " class=answer"}.get(cell.kind, "")
+    return f"<{tag}{attr}>{body}</{tag}>"
+
+
+def _html_text(parts: Sequence[str]) -> str:
+    return "".join(f"<code>{_e(p)}</code>" if isinstance(p, Code) else _e(p) for p in parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,7 +463,7 @@ def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = training_curve_png(report.losses)
-    paths = {
+    return {
         "training_curve": atomic_write_bytes(out_dir / "training_curve.png", png),
         "markdown": atomic_write_text(out_dir / "report.md", render_markdown(report, "training_curve.png")),
         "html": atomic_write_text(out_dir / "report.html", render_html(report, png)),
@@ -417,7 +471,6 @@ def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
             out_dir / "metrics.json", json.dumps(report.metrics, indent=2, sort_keys=True, allow_nan=False) + "\n"
         ),
     }
-    return paths
 
 
 def curve_data_uri(png: bytes) -> str:
@@ -425,7 +478,7 @@ def curve_data_uri(png: bytes) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Formatting helpers
+# Values
 
 
 def _num(value: Any) -> float | None:
@@ -455,29 +508,9 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    if abs(value) >= 100:
-        return f"{value:.1f}"
-    return f"{value:.3f}"
-
-
-def _fmt_change(change: float | None, better: int) -> str:
-    if change is None:
-        return "n/a"
-    sign = "+" if change > 0 else ""
-    mark = ""
-    if better and change:
-        mark = " ✓" if change * better > 0 else " ✗"
-    return f"{sign}{_fmt(change)}{mark}"
-
-
 def _fmt_value(value: Any) -> str:
     if isinstance(value, float):
-        return _fmt(value)
+        return format_metric(value)
     if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True)
     return str(value)
@@ -494,8 +527,3 @@ def _flatten(tree: dict[str, Any], prefix: str = "", skip: tuple[str, ...] = ())
         else:
             items.append((name, value))
     return items
-
-
-def _cut(text: str, limit: int = ANSWER_CHARS) -> str:
-    text = str(text)
-    return text if len(text) <= limit else text[:limit].rstrip() + " …"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from gemma_core.formatting import format_fixed, truncate
 from tasks.results import ReportResult
 
 REPORT_KEY = "gemma-lora-report"
@@ -23,10 +24,10 @@ def publish_report(report: ReportResult) -> dict[str, str]:
         {
             "#": r["index"] + 1,
             "category": r["category"],
-            "prompt": _cut(r["instruction"]),
-            "reference": _cut(r["reference"]),
-            "base answer": _cut(r["base_answer"]),
-            "tuned answer": _cut(r["tuned_answer"]),
+            "prompt": truncate(r["instruction"], TABLE_CHARS),
+            "reference": truncate(r["reference"], TABLE_CHARS),
+            "base answer": truncate(r["base_answer"], TABLE_CHARS),
+            "tuned answer": truncate(r["tuned_answer"], TABLE_CHARS),
             "ROUGE-L base": r["base_rouge_l"],
             "ROUGE-L tuned": r["tuned_rouge_l"],
             "EOS base": r["base_ended"],
@@ -34,22 +35,13 @@ def publish_report(report: ReportResult) -> dict[str, str]:
         }
         for r in metrics["prompts"]
     ]
-    overall = metrics["overall"]
+    rouge, loss = metrics["overall"]["rouge_l_f1"], metrics["overall"]["completion_loss"]
     summary = (
-        f"ROUGE-L {_f(overall['rouge_l_f1']['base'])} → {_f(overall['rouge_l_f1']['tuned'])}, "
-        f"held-out loss {_f(overall['completion_loss']['base'])} → {_f(overall['completion_loss']['tuned'])}; "
+        f"ROUGE-L {format_fixed(rouge['base'])} → {format_fixed(rouge['tuned'])}, "
+        f"held-out loss {format_fixed(loss['base'])} → {format_fixed(loss['tuned'])}; "
         f"{metrics['answers_changed']} of {metrics['num_prompts']} answers changed"
     )
     return {
         "report": str(create_markdown_artifact(markdown, key=REPORT_KEY, description=summary)),
         "prompts": str(create_table_artifact(rows, key=PROMPTS_KEY, description="one row per held-out prompt")),
     }
-
-
-def _cut(text: str) -> str:
-    text = str(text)
-    return text if len(text) <= TABLE_CHARS else text[:TABLE_CHARS].rstrip() + " …"
-
-
-def _f(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"

@@ -1,6 +1,7 @@
 """The comparison report's pure rendering: every section, in Markdown, standalone HTML and metrics.json."""
 
 import base64
+import html
 import json
 import math
 
@@ -13,6 +14,7 @@ from gemma_core.report import (
     library_versions,
     render_html,
     render_markdown,
+    sections,
     sparkline,
     training_curve_png,
     write_report,
@@ -86,6 +88,40 @@ def test_html_is_standalone_with_the_curve_embedded(report):
     assert base64.b64encode(png).decode() in page
     assert "What is &lt;b&gt;red&lt;/b&gt;?" in page  # escaped, not interpreted
     assert "http://" not in page and "https://" not in page and 'src="' in page
+
+
+def _drawn(md, page):
+    """Each section's title with its Markdown and HTML text, in page order."""
+    md_parts = [part.split("\n", 1) for part in md.split("\n## ")[1:]]
+    html_parts = [part.split("</h2>", 1) for part in page.split("<h2>")[1:]]
+    return [(t1, m, t2, h) for (t1, m), (t2, h) in zip(md_parts, html_parts, strict=True)]
+
+
+@pytest.mark.parametrize("num_side_by_side", [0, 2])
+def test_markdown_and_html_draw_the_same_sections_and_rows(num_side_by_side):
+    base, tuned = _eval(["It is a colour.", "Ann"], 0.2, 3.0), _eval(["Red | <i>x</i>\nok", ""], 0.4, 2.0)
+    report = build_report(base, tuned, {"losses": [3.0, 2.0]}, MANIFEST, num_side_by_side)
+    drawn = sections(report)
+    parts = _drawn(render_markdown(report, "c.png"), render_html(report, b"png"))
+    assert [s.title for s in drawn] == [t for t, _, _, _ in parts] == [t for _, _, t, _ in parts] == list(REPORT_SECTIONS)
+    for section, (_, md, _, page) in zip(drawn, parts):
+        table = section.table
+        if table is None or not table.rows:
+            assert "| ---" not in md and "<tr>" not in page
+            if table is not None:
+                assert table.empty in md and f"<p>{table.empty}</p>" in page
+            continue
+        md_rows = [line for line in md.splitlines() if line.startswith("| ")]
+        html_rows = page.split("<tr>")[1:]
+        assert len(md_rows) == len(table.rows) + 2  # header and alignment rows
+        assert len(html_rows) == len(table.rows) + (0 if table.key_column else 1)  # key/value table: no header row
+        for row, md_row, html_row in zip(table.rows, md_rows[2:], html_rows[-len(table.rows):]):
+            for cell in row:
+                shown = cell.text if cell.kind in ("label", "num") else cell.text[:20].split("|")[0].split("<")[0]
+                assert shown in md_row and html.escape(shown) in html_row, (section.title, cell)
+                if cell.change is not None:
+                    assert cell.change in md_row and html.escape(cell.change) in html_row
+    assert drawn[2].table.rows == () if num_side_by_side == 0 else len(drawn[2].table.rows) == 2
 
 
 def test_write_report_files(report, tmp_path):
