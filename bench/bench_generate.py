@@ -72,11 +72,11 @@ def main() -> None:
     from gemma_core.config import EMBEDDED_MODEL, DataConfig, GenerationConfig
     from gemma_core.dolly_prepare import format_dolly_to_parquet, read_split
     from gemma_core.generation import generate_answers
-    from gemma_core.models import resolve_model
+    from gemma_core.models import load_model
 
     prepared = format_dolly_to_parquet(DataConfig(train_limit=None, eval_fraction=0.3), "/tmp/glf-bench-gen")
     prompts = list(read_split(prepared.eval_path)["prompt"][: args.prompts])
-    model = resolve_model(EMBEDDED_MODEL)
+    model = load_model(EMBEDDED_MODEL)
 
     # Every variant runs twice: the first pass compiles each length bucket (reported), the second
     # is timed, so neither side is charged for compilation in its tokens/s.

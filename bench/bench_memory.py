@@ -31,9 +31,9 @@ DEFAULT_GRID = "128x4,256x4,512x4,256x8,256x16"
 def run_one(variant: str, sequence_length: int, batch_size: int) -> dict:
     from gemma_core.config import EMBEDDED_MODEL, LoraConfig, TrainConfig
     from gemma_core.lora_train import train_lora
-    from gemma_core.models import resolve_model
+    from gemma_core.models import load_model
 
-    model = resolve_model(EMBEDDED_MODEL)
+    model = load_model(EMBEDDED_MODEL)
     words = "the quick brown fox jumps over a lazy dog near the river bank".split()
     text = " ".join(words[i % len(words)] for i in range(sequence_length))
     # Both longer than the sequence: keras-hub truncates prompt and response alike, so each example

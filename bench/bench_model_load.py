@@ -5,7 +5,7 @@ no phase benefits from another's warm imports or page cache of Python objects:
 
 - convert: ``ensure_converted`` into an empty cache (hash the GGUF, dequantize, write the Hugging
   Face folder, keras-hub conversion, save_to_preset, manifest);
-- load:    ``resolve_model("embedded:gemma3-270m")`` from that cache (manifest check + from_preset),
+- load:    ``load_model("embedded:gemma3-270m")`` from that cache (manifest check + from_preset),
            once per Keras backend asked for.
 
 Targets (issue 3): conversion < 60 s, cached load < 20 s, peak memory < 6 GiB. "call s" is the
@@ -34,15 +34,15 @@ _CHILD = """
 import json, resource, sys, time
 from pathlib import Path
 t0 = time.perf_counter()
-from gemma_core.gguf_convert import ensure_converted
-from gemma_core.models import resolve_model
+from gemma_core.preset_cache import ensure_converted
+from gemma_core.models import load_model
 import keras_hub  # imported before the clock starts: the call time is the work, not the imports
 phase, cache = sys.argv[1], Path(sys.argv[2])
 t1 = time.perf_counter()
 if phase == "convert":
     ensure_converted(cache)
 else:
-    model = resolve_model("embedded:gemma3-270m", cache)
+    model = load_model("embedded:gemma3-270m", cache)
 t2 = time.perf_counter()
 print("RESULT" + json.dumps({"imports_s": t1 - t0, "call_s": t2 - t1,
                              "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))

@@ -61,11 +61,11 @@ def run_variant(name: str, n: int, sequence_length: int, batch_size: int, out: P
 
     from gemma_core.config import EMBEDDED_MODEL, LoraConfig, TrainConfig
     from gemma_core.lora_train import train_lora
-    from gemma_core.models import resolve_model
+    from gemma_core.models import load_model
 
     started = time.perf_counter()
     prompts, responses = load_examples(n, sequence_length)
-    model = resolve_model(EMBEDDED_MODEL)
+    model = load_model(EMBEDDED_MODEL)
     load_seconds = time.perf_counter() - started
     # Two epochs over the same examples: the first pays for compilation, the second is steady state.
     cfg = TrainConfig(sequence_length=sequence_length, batch_size=batch_size, epochs=2, checkpoint_every=10_000,

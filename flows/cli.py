@@ -20,10 +20,9 @@ import webbrowser
 from pathlib import Path
 from typing import Any
 
+from flows.storage import LATEST
 from gemma_core.config import ConfigError, PipelineConfig, load_config
 from gemma_core.formatting import format_fixed
-
-LATEST = Path("reports") / "latest.json"
 
 
 def _config_help() -> str:

@@ -1,35 +1,59 @@
-"""Running a stage inside a flow: the configured result storage, and a record of each stage's state."""
+"""What every flow does first, and how it runs a stage.
+
+:func:`start_flow` is the one preamble of the pipeline, training and export flows: validate the
+config, select the Keras backend, resolve the output root and the result storage, and make the
+:class:`StageRunner` that runs each stage's task with that storage and remembers its final state.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
 
 from prefect import Task
 
+from flows.storage import make_result_storage, result_storage_location
+from gemma_core.config import PipelineConfig, validate_config
 
 class StageRunner:
-    """Runs tasks with the flow's result storage and remembers each one's final state name
-    (``Completed``, ``Cached``, ...), so a run can say which stages did work."""
+    """Runs tasks with the flow's result storage; each task run is named exactly its stage name
+    (:mod:`tasks.stages`), and its final state name (``Completed``, ``Cached``, ...) is kept in
+    ``states``, so a run can say which stages did work."""
 
     def __init__(self, storage: Any):
         self.storage = storage
         self.states: dict[str, str] = {}
 
-    def run(self, task: Task, *args: Any, name: str | None = None, **kwargs: Any) -> Any:
-        options: dict[str, Any] = {"result_storage": self.storage}
-        if name:
-            options["name"] = name
-        configured = task.with_options(**options)
+    def run(self, task: Task, *args: Any, stage: str | None = None, **kwargs: Any) -> Any:
+        stage = stage or task.name
+        configured = task.with_options(name=stage, task_run_name=stage, result_storage=self.storage)
         state = configured(*args, return_state=True, **kwargs)
-        self.states[configured.name] = state.name
+        self.states[stage] = state.name
         return state.result()  # raises the task's exception when it failed: the flow fails there
+
+
+@dataclass(frozen=True)
+class FlowSetup:
+    cfg: PipelineConfig
+    out_root: str  # output.root, absolute
+    result_storage: str  # the location (path or URL) that child flow runs get passed
+    stages: StageRunner
+
+
+def start_flow(config: PipelineConfig | Mapping[str, Any] | None, result_storage: str | None) -> FlowSetup:
+    """The preamble of every flow; a wrong config value fails here, before any stage runs."""
+    cfg = config if isinstance(config, PipelineConfig) else validate_config(config or {})
+    select_backend(cfg.backend)
+    out_root = str(Path(cfg.output.root).resolve())
+    location = result_storage_location(result_storage, out_root)
+    return FlowSetup(cfg, out_root, location, StageRunner(make_result_storage(location)))
 
 
 def select_backend(backend: str) -> None:
     """Use the config's Keras backend; Keras reads it once, at its first import."""
-    import os
-    import sys
-
     if "keras" in sys.modules:
         current = sys.modules["keras"].backend.backend()
         if current != backend:

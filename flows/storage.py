@@ -1,4 +1,5 @@
-"""Where cached task results persist: a local directory by default, any fsspec URL otherwise."""
+"""Where runs persist: cached task results (a local directory by default, any fsspec URL otherwise),
+and the summary of the last pipeline run."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from flows.env import RESULT_STORAGE_ENV
 
 RESULTS_DIRNAME = "prefect-results"
+LATEST = Path("reports") / "latest.json"  # under output.root: the last pipeline run, for `gemma-lora report`
 
 
 def result_storage_location(url: str | None, out_root: str | Path) -> str:

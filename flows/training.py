@@ -1,25 +1,21 @@
 """The fine-tuning flow, on its own so that it can run elsewhere (a GPU work pool, through
-``run_deployment``) while the pipeline keeps the rest. Called in-process it is a subflow;
-:func:`run_training` does either, as the pipeline's ``training_deployment`` parameter says."""
+``run_deployment``) while the pipeline keeps the rest. :func:`run_training` runs the training stage
+in the pipeline's own process, or, as the pipeline's ``training_deployment`` parameter says, as a
+run of that deployment, and reads its ``train-lora`` task run back."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import flow
-from pydantic import BaseModel
 
-from flows.stages import StageRunner, select_backend
-from flows.storage import make_result_storage, result_storage_location
+from flows.stages import StageRunner, start_flow
 from gemma_core.config import validate_config
 from tasks.results import DataResult, ModelResult, TrainOutput
-from tasks.train import NOT_IN_KEY, train_adapter, train_identity
-
-
-class TrainingRun(BaseModel):
-    output: TrainOutput
-    states: dict[str, str]
+from tasks.stages import TRAIN_LORA
+from tasks.train import train_adapter
 
 
 @flow(name="lora-training")
@@ -28,21 +24,14 @@ def lora_training_flow(
     data: DataResult,
     model: ModelResult,
     result_storage: str | None = None,
-) -> TrainingRun:
+) -> TrainOutput:
     """Fine-tune ``model`` on ``data`` with the ``train`` and ``lora`` sections of ``config``.
 
     A rerun with the same inputs is Cached; after a failure it continues from the newest checkpoint.
     """
-    cfg = validate_config(config)
-    select_backend(cfg.backend)
-    out_root = str(Path(cfg.output.root).resolve())
-    storage = make_result_storage(result_storage_location(result_storage, out_root))
-    stages = StageRunner(storage)
-    output = stages.run(
-        train_adapter, train_identity(cfg.train), cfg.lora, data, model, out_root,
-        checkpointing=cfg.train.model_dump(include=NOT_IN_KEY), backend=cfg.backend,
-    )
-    return TrainingRun(output=output, states=stages.states)
+    run = start_flow(config, result_storage)
+    return run.stages.run(train_adapter, run.cfg.train, run.cfg.lora, data, model, run.out_root,
+                          backend=run.cfg.backend)
 
 
 class TrainingRunFailed(RuntimeError):
@@ -50,44 +39,51 @@ class TrainingRunFailed(RuntimeError):
 
 
 def run_training(
-    config: dict[str, Any], data: DataResult, model: ModelResult, result_storage: str,
-    deployment: str | None = None, poll_interval: float = 2,
-) -> TrainingRun:
-    """Fine-tune in this process (a subflow), or, with ``deployment`` ("lora-training/gpu"), as a run
-    of that deployment on its work pool, waiting for it however long it queues for the pool's slot.
+    config: dict[str, Any], data: DataResult, model: ModelResult, result_storage: str, *,
+    stages: StageRunner, deployment: str | None = None, poll_interval: float = 2,
+) -> TrainOutput:
+    """Fine-tune in this process (the ``train-lora`` stage of the calling flow), or, with ``deployment``
+    ("lora-training/gpu"), as a run of that deployment on its work pool, waiting for it however long
+    it queues for the pool's slot. Either way the stage's final state goes into ``stages``.
 
-    The child run's stage result is read back through the result storage it persisted to (so pools
-    on different machines need a shared ``result_storage``, such as an fsspec URL). When the child
-    does not complete, this raises with the child's link; a rerun starts a new child run, whose
-    training is Cached or continues from its newest checkpoint.
+    A deployed run's stage result is read back through the result storage it persisted to (so pools
+    on different machines need a shared ``result_storage``, such as an fsspec URL). When it does not
+    complete, this raises with its link; a rerun starts a new run, whose training is Cached or
+    continues from its newest checkpoint.
     """
     if not deployment:
-        return lora_training_flow(config=config, data=data, model=model, result_storage=result_storage)
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+        cfg = validate_config(config)
+        return stages.run(train_adapter, cfg.train, cfg.lora, data, model, str(Path(cfg.output.root).resolve()),
+                          backend=cfg.backend)
     from prefect.deployments import run_deployment
     from prefect.utilities.urls import url_for
 
-    child = run_deployment(
-        deployment,
-        parameters={"config": config, "data": data.model_dump(mode="json"), "model": model.model_dump(mode="json"),
-                    "result_storage": result_storage},
-        timeout=None, poll_interval=poll_interval,
-    )
-    link = url_for(child) or f"flow run {child.id}"
-    state = child.state
-    if state is None or not state.is_completed():
-        ended = f"{state.name}: {state.message}" if state is not None else "without a state"
-        raise TrainingRunFailed(f"training run {child.name!r} of deployment {deployment!r} ended {ended} ({link}); "
-                                "run the pipeline again to resume from the newest checkpoint")
+    parameters = {"config": config, "data": data.model_dump(mode="json"), "model": model.model_dump(mode="json"),
+                  "result_storage": result_storage}
+    child = run_deployment(deployment, parameters=parameters, timeout=None, poll_interval=poll_interval)
+    label = f"training run {child.name!r} of deployment {deployment!r} ({url_for(child) or f'flow run {child.id}'})"
+    if child.state is None or not child.state.is_completed():
+        ended = f"{child.state.name}: {child.state.message}" if child.state is not None else "without a state"
+        raise TrainingRunFailed(f"{label} ended {ended}; run the pipeline again to resume from the newest checkpoint")
+    output, state_name = _train_stage_of(child.id, label)
+    stages.states[TRAIN_LORA] = state_name
+    return output
+
+
+def _train_stage_of(flow_run_id: UUID, label: str) -> tuple[TrainOutput, str]:
+    """The ``train-lora`` task run of a finished training flow run: its result and final state name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
+
     with get_client(sync_client=True) as client:
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[child.id])))
-    stages = {run.name.rsplit("-", 1)[0]: run for run in task_runs}
-    train = stages.get(train_adapter.name)
-    if train is None or train.state is None or not train.state.is_completed():
-        raise TrainingRunFailed(f"training run {child.name!r} completed without a completed "
-                                f"{train_adapter.name!r} task ({link})")
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[TRAIN_LORA])),
+        )
+    train = next((run for run in task_runs if run.state is not None and run.state.is_completed()), None)
+    if train is None:
+        raise TrainingRunFailed(f"{label} completed without a completed {TRAIN_LORA!r} task")
     output = train.state.result()
     if isinstance(output, dict):
         output = TrainOutput.model_validate(output)
-    return TrainingRun(output=output, states={train_adapter.name: train.state.name})
+    return output, train.state.name

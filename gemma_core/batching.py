@@ -1,4 +1,7 @@
-"""Which examples go in which training step: a pure function of (seed, epoch), in a few shapes.
+"""Which examples go in which training step, and the arrays of that step.
+
+:class:`TrainingSchedule` maps a step number to a planned batch, a pure function of (seed, step), so
+resuming needs only the step; :func:`step_arrays` cuts that batch's arrays from the encoded examples.
 
 Two plans:
 
@@ -27,6 +30,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from gemma_core.config import TrainConfig
+from gemma_core.encoding import EncodedExamples
+from gemma_core.response_head import gather_response_positions
 
 LENGTH_MULTIPLE = 32
 BUCKET_QUANTILES = (0.35, 0.65, 0.9, 1.0)
@@ -102,3 +109,42 @@ def _chunk(order: np.ndarray, batch_size: int, length: int, slots: int) -> list[
             chosen = np.concatenate([chosen, np.resize(order, batch_size - real)])
         out.append(PlannedBatch(chosen, real, length, slots))
     return out
+
+
+class TrainingSchedule:
+    """Step number → planned batch, over ``cfg.epochs`` epochs (or ``cfg.max_steps``)."""
+
+    def __init__(self, examples: EncodedExamples, cfg: TrainConfig):
+        self.cfg = cfg
+        self.total_lengths = examples.padding_mask.sum(axis=1)
+        self.response_lengths = (examples.sample_weight > 0).sum(axis=1)
+        self._plans: dict[int, list[PlannedBatch]] = {}
+        self.steps_per_epoch = len(self.plan(0))
+        steps = cfg.epochs * self.steps_per_epoch
+        self.total_steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+    def plan(self, epoch: int) -> list[PlannedBatch]:
+        if epoch not in self._plans:
+            self._plans = {epoch: plan_epoch(
+                self.total_lengths, self.response_lengths, self.cfg.batch_size, self.cfg.sequence_length,
+                self.cfg.seed, epoch, bucketed=self.cfg.bucketing,
+            )}
+        return self._plans[epoch]
+
+    def batch(self, step: int) -> PlannedBatch:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        return self.plan(epoch)[position]
+
+
+def step_arrays(examples: EncodedExamples, planned: PlannedBatch, response_only: bool):
+    """(inputs, labels, sample_weight) for one planned batch, cut to the batch's length; with
+    ``response_only``, labels and weights at the response positions the head computes."""
+    chosen = examples.take(planned.indices)
+    length = planned.length
+    weight = chosen.sample_weight[:, :length].copy()
+    weight[planned.real:] = 0.0
+    x = {"token_ids": chosen.token_ids[:, :length], "padding_mask": chosen.padding_mask[:, :length]}
+    labels = chosen.labels[:, :length]
+    if response_only:
+        x["positions"], labels, weight = gather_response_positions(labels, weight, planned.slots)
+    return x, labels, weight

@@ -2,7 +2,7 @@
 
 Each checkpoint is a directory ``step-00000012/`` published by one atomic rename, holding
 ``adapter.lora.h5`` (keras-hub's ``save_lora_weights``), ``optimizer.npz`` and ``manifest.json``
-(step, identity of the run, sha256 of both files). A checkpoint whose files do not match their
+(step, identity of the run, size and sha256 of both files; :mod:`gemma_core.manifest`). A checkpoint whose files do not match their
 checksums is skipped for the previous one, and the log says which and why.
 
 Shuffling is a pure function of (seed, epoch) and the data position a pure function of the step,
@@ -12,7 +12,6 @@ so the step number is the whole "data position and RNG state" needed to resume e
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -21,13 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from gemma_core.atomic import DiskFullError, atomic_directory, sha256_file
+from gemma_core.atomic import DiskFullError, atomic_directory
+from gemma_core.manifest import MANIFEST_FILE, ManifestError, read_verified, write_manifest
 
 log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter.lora.h5"
 OPTIMIZER_FILE = "optimizer.npz"
-MANIFEST_FILE = "manifest.json"
+CHECKPOINT_FILES = (ADAPTER_FILE, OPTIMIZER_FILE)
 # Fields of the run identity that must match for a checkpoint to be resumed, with the fix to name.
 IDENTITY_FIXES = {
     "model_id": "train from the same model.spec, or use a fresh output directory",
@@ -65,14 +65,12 @@ def save_checkpoint(
         values = {f"v{i:04d}": np.asarray(v) for i, v in enumerate(optimizer.variables)}
         with open(tmp / OPTIMIZER_FILE, "wb") as f:
             np.savez(f, **values)
-        manifest = {
+        manifest = write_manifest(tmp, {
             "step": step,
             "identity": identity,
             "losses": losses,
             "optimizer_variables": [v.path for v in optimizer.variables],
-            "sha256": {name: sha256_file(tmp / name) for name in (ADAPTER_FILE, OPTIMIZER_FILE)},
-        }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        }, files=CHECKPOINT_FILES)
     _prune(ckpt_root, keep)
     return Checkpoint(target, step, manifest)
 
@@ -95,13 +93,18 @@ def _check_room(target: Path, backbone, optimizer) -> None:
 
 
 def latest_valid_checkpoint(ckpt_root: Path, identity: dict[str, Any]) -> Checkpoint | None:
-    """The newest checkpoint whose files match their checksums; mismatched identity is an error."""
+    """The newest checkpoint whose files match their manifest; mismatched identity is an error."""
     for path in sorted(ckpt_root.glob("step-*"), reverse=True):
-        problem = _verify(path)
-        if problem:
-            log.warning("skipping checkpoint %s: %s; trying the previous one", path, problem)
+        try:
+            manifest = read_verified(path, required=CHECKPOINT_FILES)
+        except ManifestError as err:
+            log.warning("skipping checkpoint %s: %s; trying the previous one", path, "; ".join(err.problems))
             continue
-        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        if not (isinstance(manifest.get("step"), int) and isinstance(manifest.get("identity"), dict)
+                and isinstance(manifest.get("losses"), list)):
+            log.warning("skipping checkpoint %s: %s is damaged (no valid step, identity or losses); "
+                        "trying the previous one", path, MANIFEST_FILE)
+            continue
         _check_identity(path, manifest["identity"], identity)
         return Checkpoint(path, manifest["step"], manifest)
     return None
@@ -117,27 +120,6 @@ def restore_optimizer(optimizer, checkpoint: Checkpoint) -> None:
         )
     for variable, value in zip(optimizer.variables, values):
         variable.assign(value)
-
-
-def _verify(path: Path) -> str | None:
-    try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text())
-        checksums = manifest["sha256"]
-        # A manifest damaged into valid JSON must not vouch for files it does not list.
-        unlisted = {ADAPTER_FILE, OPTIMIZER_FILE} - set(checksums)
-        if unlisted:
-            return f"{MANIFEST_FILE} is damaged: it records no sha256 for {', '.join(sorted(unlisted))}"
-        if not (isinstance(manifest["step"], int) and isinstance(manifest["identity"], dict)
-                and isinstance(manifest["losses"], list)):
-            return f"{MANIFEST_FILE} is damaged: no valid step, identity or losses"
-        for name, expected in checksums.items():
-            if not (path / name).is_file():
-                return f"{name} is missing"
-            if sha256_file(path / name) != expected:
-                return f"{name} does not match its recorded sha256 (corrupted or truncated)"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        return f"{MANIFEST_FILE} is missing or unreadable ({type(err).__name__}: {err})"
-    return None
 
 
 def _check_identity(path: Path, saved: dict[str, Any], wanted: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, ClassVar, Iterable, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -95,6 +95,13 @@ class TrainConfig(_Section):
     response_only_head: bool = Field(True, description="compute the output head only at response tokens, "
                                      "where the loss is (false: on every position, the plain path)")
     keep_checkpoints: int = Field(2, ge=1, le=100, description="how many recent checkpoints to keep")
+
+    # How often checkpoints are written and how many are kept never changes the adapter.
+    NOT_IN_CACHE_KEY: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "keep_checkpoints"})
+
+    def cache_identity(self) -> dict[str, Any]:
+        """What of this config a cache key (and the training directory's name) sees."""
+        return self.model_dump(mode="json", exclude=set(self.NOT_IN_CACHE_KEY))
 
 
 class GenerationConfig(_Section):

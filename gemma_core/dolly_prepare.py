@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gemma_core import __version__
-from gemma_core.atomic import atomic_directory, sha256_bytes, sha256_file
+from gemma_core.atomic import atomic_directory
+from gemma_core.manifest import ManifestError, read_verified, sha256_bytes, write_manifest
 from gemma_core.config import DataConfig
 from gemma_core.dolly_sources import DOLLY_COLUMNS, DollySource, read_dolly_source
 from gemma_core.prompts import format_prompt, strip_citations
@@ -34,6 +35,7 @@ METADATA_KEY = b"gemma_lora_flow"
 FORMAT_VERSION = "1"
 DROP_REASONS = ("missing_instruction", "missing_response", "non_string_field", "duplicate")
 OUTPUT_COLUMNS = (*DOLLY_COLUMNS, "prompt")
+SPLIT_FILES = ("train.parquet", "eval.parquet")
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,8 @@ def format_dolly_to_parquet(cfg: DataConfig, out_root: str | Path) -> PreparedDa
     if out_dir.is_dir():
         try:
             return read_prepared(out_dir)
-        except ValueError as err:
-            log.warning("cached data %s is unusable (%s); rebuilding it", out_dir, err)
+        except ManifestError as err:
+            log.warning("cached data %s is unusable (%s); rebuilding it", out_dir, "; ".join(err.problems))
             _remove_tree(out_dir)
 
     clean, dropped = clean_dolly_records(raw.frame)
@@ -85,8 +87,7 @@ def format_dolly_to_parquet(cfg: DataConfig, out_root: str | Path) -> PreparedDa
     with atomic_directory(out_dir) as tmp:
         _write_parquet(train, tmp / "train.parquet", metadata)
         _write_parquet(evaluation, tmp / "eval.parquet", metadata)
-        checksums = {name: sha256_file(tmp / name) for name in ("train.parquet", "eval.parquet")}
-        (tmp / "manifest.json").write_text(json.dumps({**metadata, "sha256": checksums}, indent=2))
+        write_manifest(tmp, metadata, files=SPLIT_FILES)
     log.info(
         "data: %d train / %d eval rows from %s; dropped %s",
         len(train), len(evaluation), raw.source, _describe(dropped),
@@ -141,23 +142,10 @@ def stratified_split(frame: pd.DataFrame, eval_fraction: float, seed: int) -> tu
 
 
 def read_prepared(out_dir: str | Path) -> PreparedData:
-    """Load a data stage's output directory, checking that its files match their recorded hashes."""
+    """Load a data stage's output directory once its files match their manifest (else ManifestError)."""
     out_dir = Path(out_dir)
-    manifest_path = out_dir / "manifest.json"
+    manifest = read_verified(out_dir, required=SPLIT_FILES)
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{manifest_path} is missing or unreadable ({err})") from None
-    try:
-        checksums = manifest["sha256"]
-        # Both splits must be covered: a manifest damaged into valid JSON must not vouch for nothing.
-        unlisted = {"train.parquet", "eval.parquet"} - set(checksums)
-        if unlisted:
-            raise ValueError(f"{manifest_path} records no sha256 for {', '.join(sorted(unlisted))}")
-        for name, expected in checksums.items():
-            path = out_dir / name
-            if not path.is_file() or sha256_file(path) != expected:
-                raise ValueError(f"{path} is missing or does not match its recorded sha256")
         return PreparedData(
             train_path=out_dir / "train.parquet",
             eval_path=out_dir / "eval.parquet",
@@ -167,8 +155,8 @@ def read_prepared(out_dir: str | Path) -> PreparedData:
             counts=manifest["counts"],
             dropped=manifest["dropped"],
         )
-    except (KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{manifest_path} is not a data manifest (damaged: {type(err).__name__} {err})") from None
+    except KeyError as err:
+        raise ManifestError(out_dir, [f"manifest.json is not a data manifest (no {err})"]) from None
 
 
 def read_split(path: str | Path) -> pd.DataFrame:

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
-from gemma_core.atomic import sha256_bytes
+from gemma_core.manifest import sha256_bytes
 from gemma_core.config import DOLLY_HUB_SOURCE, SAMPLE_SOURCE
 
 DOLLY_COLUMNS = ("instruction", "context", "response", "category")

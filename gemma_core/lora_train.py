@@ -1,4 +1,5 @@
-"""LoRA fine-tuning that resumes mid-epoch from its newest valid checkpoint.
+"""LoRA fine-tuning that resumes mid-epoch from its newest valid checkpoint: :func:`train_lora` reads
+top to bottom as the whole run (setup, resume, loop with checkpoints, final adapter).
 
 The recipe is the Keras Gemma LoRA tutorial's: ``enable_lora`` on the backbone (query and value by
 default), AdamW with biases and scales excluded from weight decay, sparse categorical
@@ -17,7 +18,7 @@ benchmarks.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
 import logging
 import os
@@ -26,19 +27,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import filelock
 import keras
 
 from gemma_core.atomic import atomic_write_text
+from gemma_core.batching import TrainingSchedule, step_arrays
 from gemma_core.checkpoints import latest_valid_checkpoint, restore_optimizer, save_checkpoint
-from gemma_core.batching import PlannedBatch, plan_epoch
 from gemma_core.config import LoraConfig, TrainConfig
-from gemma_core.encoding import EncodedExamples, encode_examples
-from gemma_core.response_head import ResponseCrossEntropy, ResponseOnlyLM, gather_response_positions
+from gemma_core.encoding import encode_examples
+from gemma_core.models import enable_lora
+from gemma_core.response_head import ResponseCrossEntropy, ResponseOnlyLM
 
 log = logging.getLogger(__name__)
 
 TRAIN_LOG = "train_log.jsonl"
 FINAL_ADAPTER = "adapter.lora.h5"
+TRAIN_LOCK = ".train.lock"  # held by the one process training in a directory (see _one_trainer)
 
 
 @dataclass(frozen=True)
@@ -65,16 +69,6 @@ class TrainResult:
 
 class EmptyTrainingSetError(ValueError):
     pass
-
-
-def enable_lora(model, lora: LoraConfig) -> None:
-    names = list(lora.target_layer_names) if lora.target_layer_names else None
-    model.backbone.enable_lora(rank=lora.rank, target_layer_names=names)
-    if not getattr(model.backbone, "_lora_enabled_layers", None):
-        raise ValueError(
-            f"lora.target_layer_names={lora.target_layer_names!r} matched no layer of this model; "
-            "keras-hub's Gemma names are query, key, value and attention_output (leave unset for query+value)"
-        )
 
 
 def compile_for_training(model, cfg: TrainConfig) -> None:
@@ -105,58 +99,6 @@ def _loss_and_metrics(model) -> dict[str, Any]:
     }
 
 
-class TrainingSchedule:
-    """Step number → planned batch. A pure function of (seed, step), so resume needs only the step."""
-
-    def __init__(self, examples: EncodedExamples, cfg: TrainConfig):
-        self.cfg = cfg
-        self.total_lengths = examples.padding_mask.sum(axis=1)
-        self.response_lengths = (examples.sample_weight > 0).sum(axis=1)
-        self._plans: dict[int, list[PlannedBatch]] = {}
-        self.steps_per_epoch = len(self.plan(0))
-        steps = cfg.epochs * self.steps_per_epoch
-        self.total_steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
-
-    def plan(self, epoch: int) -> list[PlannedBatch]:
-        if epoch not in self._plans:
-            self._plans = {epoch: plan_epoch(
-                self.total_lengths, self.response_lengths, self.cfg.batch_size, self.cfg.sequence_length,
-                self.cfg.seed, epoch, bucketed=self.cfg.bucketing,
-            )}
-        return self._plans[epoch]
-
-    def batch(self, step: int) -> PlannedBatch:
-        epoch, position = divmod(step, self.steps_per_epoch)
-        return self.plan(epoch)[position]
-
-
-def _one_trainer_per_directory(train):
-    """Two processes training into one ``out_dir`` (two pipeline runs started at once) would append to
-    one train_log.jsonl and race on its checkpoints: the second waits for the first, then resumes
-    from its final checkpoint (no step is trained twice)."""
-
-    @functools.wraps(train)
-    def locked(model, prompts, responses, cfg, lora, out_dir, *args, **kwargs):
-        from gemma_core.gguf_convert import require
-
-        filelock = require("filelock", "locking the training directory")
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(str(out_dir / ".train.lock"))
-        try:
-            lock.acquire(timeout=0)
-        except filelock.Timeout:
-            log.warning("another process is training in %s; waiting for it to finish", out_dir)
-            lock.acquire()
-        try:
-            return train(model, prompts, responses, cfg, lora, out_dir, *args, **kwargs)
-        finally:
-            lock.release()
-
-    return locked
-
-
-@_one_trainer_per_directory
 def train_lora(
     model,
     prompts: Sequence[str],
@@ -174,73 +116,77 @@ def train_lora(
     LoRA and batch settings it guards resume against another run's checkpoints.
     ``stop_after_steps`` ends the call early (the run stays resumable), as an interrupted run would.
     """
-    if len(prompts) == 0:
-        raise EmptyTrainingSetError("the training split is empty: check data.source and data.train_limit")
     out_dir = Path(out_dir)
-    ckpt_root = out_dir / "checkpoints"
-    keras.utils.set_random_seed(cfg.seed)
-    enable_lora(model, lora)
-    model.preprocessor.sequence_length = cfg.sequence_length
-    examples = encode_examples(model.preprocessor, prompts, responses, cfg.sequence_length)
-    if len(examples) == 0:
-        raise EmptyTrainingSetError(
-            f"no training example fits train.sequence_length={cfg.sequence_length}: raise it"
-        )
-    # The response-only head shares the backbone, so LoRA weights and checkpoints are the same.
-    trainer = ResponseOnlyLM(model.backbone) if cfg.response_only_head else model
-    compile_for_training(trainer, cfg)
-    schedule = TrainingSchedule(examples, cfg)
+    with _one_trainer(out_dir):
+        # --- setup: seed, adapters, examples, optimizer, schedule ---------------------------------
+        if len(prompts) == 0:
+            raise EmptyTrainingSetError("the training split is empty: check data.source and data.train_limit")
+        keras.utils.set_random_seed(cfg.seed)
+        enable_lora(model, lora)
+        model.preprocessor.sequence_length = cfg.sequence_length
+        examples = encode_examples(model.preprocessor, prompts, responses, cfg.sequence_length)
+        if len(examples) == 0:
+            raise EmptyTrainingSetError(
+                f"no training example fits train.sequence_length={cfg.sequence_length}: raise it"
+            )
+        # The response-only head shares the backbone, so LoRA weights and checkpoints are the same.
+        trainer = ResponseOnlyLM(model.backbone) if cfg.response_only_head else model
+        compile_for_training(trainer, cfg)
+        schedule = TrainingSchedule(examples, cfg)
+        steps = schedule.total_steps
 
-    identity = {
-        **run_identity,
-        "lora_rank": lora.rank,
-        "lora_targets": list(lora.target_layer_names or []),
-        "batch_size": cfg.batch_size,
-        "sequence_length": cfg.sequence_length,
-        "seed": cfg.seed,
-    }
-    start_step, losses = 0, []
-    checkpoint = latest_valid_checkpoint(ckpt_root, identity)
-    if checkpoint is not None:
-        model.backbone.load_lora_weights(str(checkpoint.adapter_path))
-        restore_optimizer(trainer.optimizer, checkpoint)
-        start_step, losses = checkpoint.step, list(checkpoint.manifest["losses"])
-        log.info("resuming training from %s (step %d)", checkpoint.path, start_step)
-    log_path = out_dir / TRAIN_LOG
-    _truncate_log(log_path, start_step)
+        # --- resume from the newest valid checkpoint of this very run -----------------------------
+        ckpt_root = out_dir / "checkpoints"
+        identity = {
+            **run_identity,
+            "lora_rank": lora.rank,
+            "lora_targets": list(lora.target_layer_names or []),
+            "batch_size": cfg.batch_size,
+            "sequence_length": cfg.sequence_length,
+            "seed": cfg.seed,
+        }
+        start_step, losses = 0, []
+        checkpoint = latest_valid_checkpoint(ckpt_root, identity)
+        if checkpoint is not None:
+            model.backbone.load_lora_weights(str(checkpoint.adapter_path))
+            restore_optimizer(trainer.optimizer, checkpoint)
+            start_step, losses = checkpoint.step, list(checkpoint.manifest["losses"])
+            log.info("resuming training from %s (step %d)", checkpoint.path, start_step)
+        log_path = out_dir / TRAIN_LOG
+        _truncate_log(log_path, start_step)
 
-    steps = schedule.total_steps
-    end_step = min(steps, start_step + stop_after_steps) if stop_after_steps else steps
-    useful_tokens, train_seconds = 0, 0.0
-    run_started = time.perf_counter()
-    for step in range(start_step, end_step):
-        planned = schedule.batch(step)
-        batch = step_arrays(examples, planned, cfg.response_only_head)
-        started = time.perf_counter()
-        loss = _train_step(trainer, batch)
-        seconds = time.perf_counter() - started
-        tokens = int(batch[0]["padding_mask"][: planned.real].sum())
-        if step > start_step:  # the first step of a process includes compilation
-            useful_tokens, train_seconds = useful_tokens + tokens, train_seconds + seconds
-        losses.append(loss)
-        report = StepReport(step + 1, steps, loss, tokens / seconds, seconds)
-        _append_log(log_path, {"step": step + 1, "loss": loss, "useful_tokens": tokens,
-                               "response_tokens": int((batch[2][: planned.real] > 0).sum()),
-                               "shape": [planned.length, planned.slots],
-                               "tokens_per_second": round(tokens / seconds, 2), "seconds": round(seconds, 3),
-                               "elapsed_s": round(time.perf_counter() - run_started, 3)})
-        if on_step:
-            on_step(report)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
-            save_checkpoint(ckpt_root, step + 1, model.backbone, trainer.optimizer, identity, losses,
-                            cfg.keep_checkpoints)
+        # --- the loop: one optimizer step per planned batch, a checkpoint every N steps -----------
+        end_step = min(steps, start_step + stop_after_steps) if stop_after_steps else steps
+        useful_tokens, train_seconds = 0, 0.0
+        run_started = time.perf_counter()
+        for step in range(start_step, end_step):
+            planned = schedule.batch(step)
+            batch = step_arrays(examples, planned, cfg.response_only_head)
+            started = time.perf_counter()
+            loss = _train_step(trainer, batch)
+            seconds = time.perf_counter() - started
+            tokens = int(batch[0]["padding_mask"][: planned.real].sum())
+            if step > start_step:  # the first step of a process includes compilation
+                useful_tokens, train_seconds = useful_tokens + tokens, train_seconds + seconds
+            losses.append(loss)
+            _append_log(log_path, {"step": step + 1, "loss": loss, "useful_tokens": tokens,
+                                   "response_tokens": int((batch[2][: planned.real] > 0).sum()),
+                                   "shape": [planned.length, planned.slots],
+                                   "tokens_per_second": round(tokens / seconds, 2), "seconds": round(seconds, 3),
+                                   "elapsed_s": round(time.perf_counter() - run_started, 3)})
+            if on_step:
+                on_step(StepReport(step + 1, steps, loss, tokens / seconds, seconds))
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
+                save_checkpoint(ckpt_root, step + 1, model.backbone, trainer.optimizer, identity, losses,
+                                cfg.keep_checkpoints)
 
-    adapter_path = out_dir / FINAL_ADAPTER
-    if end_step == steps:
-        # save_lora_weights insists on the .lora.h5 suffix, so the temp name keeps it.
-        partial = out_dir / ".partial-adapter.lora.h5"
-        model.backbone.save_lora_weights(str(partial))
-        os.replace(partial, adapter_path)
+        # --- the final adapter, once every step is done -------------------------------------------
+        adapter_path = out_dir / FINAL_ADAPTER
+        if end_step == steps:
+            # save_lora_weights insists on the .lora.h5 suffix, so the temp name keeps it.
+            partial = out_dir / ".partial-adapter.lora.h5"
+            model.backbone.save_lora_weights(str(partial))
+            os.replace(partial, adapter_path)
     return TrainResult(
         adapter_path=adapter_path,
         log_path=log_path,
@@ -250,6 +196,24 @@ def train_lora(
         useful_tokens_per_second=useful_tokens / train_seconds if train_seconds else float("nan"),
         train_seconds=train_seconds,
     )
+
+
+@contextlib.contextmanager
+def _one_trainer(out_dir: Path):
+    """Two processes training into one ``out_dir`` (two pipeline runs started at once) would append to
+    one train_log.jsonl and race on its checkpoints: the second waits for the first, then resumes
+    from its final checkpoint (no step is trained twice)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(out_dir / TRAIN_LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        log.warning("another process is training in %s; waiting for it to finish", out_dir)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _train_step(trainer, batch) -> float:
@@ -266,19 +230,6 @@ def _train_step(trainer, batch) -> float:
     finally:
         if preprocessor is not None:
             trainer.preprocessor = preprocessor
-
-
-def step_arrays(examples: EncodedExamples, planned: PlannedBatch, response_only: bool):
-    """(inputs, labels, sample_weight) for one planned batch, cut to the batch's length."""
-    chosen = examples.take(planned.indices)
-    length = planned.length
-    weight = chosen.sample_weight[:, :length].copy()
-    weight[planned.real:] = 0.0
-    x = {"token_ids": chosen.token_ids[:, :length], "padding_mask": chosen.padding_mask[:, :length]}
-    labels = chosen.labels[:, :length]
-    if response_only:
-        x["positions"], labels, weight = gather_response_positions(labels, weight, planned.slots)
-    return x, labels, weight
 
 
 def _truncate_log(log_path: Path, keep_through_step: int) -> None:

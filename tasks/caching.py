@@ -91,12 +91,8 @@ def input_fingerprint(stage: str, inputs: Mapping[str, Any]) -> str:
 
 @dataclass
 class ContentCache(CachePolicy):
-    """Key = inputs (by content) + task source + package sources; a cached result must verify.
-
-    ``exclude`` names inputs that do not change the result (e.g. how often to checkpoint).
-    """
-
-    exclude: tuple[str, ...] = ()
+    """Key = inputs (by content, :func:`identity`) + task source + package sources; a cached result
+    must verify. A config that leaves some fields out of its key says so itself (``TrainConfig``)."""
 
     def compute_key(
         self,
@@ -107,8 +103,7 @@ class ContentCache(CachePolicy):
     ) -> str | None:
         source_key = TASK_SOURCE.compute_key(task_ctx, inputs, flow_parameters, **kwargs)
         stage = task_ctx.task.fn.__qualname__ if task_ctx else "unknown"
-        kept = {k: v for k, v in inputs.items() if k not in self.exclude}
-        key = hashlib.sha256(f"{input_fingerprint(stage, kept)}:{source_key}".encode()).hexdigest()
+        key = hashlib.sha256(f"{input_fingerprint(stage, inputs)}:{source_key}".encode()).hexdigest()
         _drop_if_stale(key, task_ctx)
         return key
 

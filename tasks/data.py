@@ -9,8 +9,10 @@ from prefect import task
 from gemma_core.config import SAMPLE_SOURCE, DataConfig
 from gemma_core.dolly_prepare import format_dolly_to_parquet
 from tasks.common import CACHED, transient_error
-from tasks.results import DataResult, FileRef, file_sha256
+from gemma_core.manifest import sha256_file
+from tasks.results import DataResult, FileRef
 from tasks.runtime import logger, maybe_fail, peak_rss_mb, timed
+from tasks.stages import PREPARE_DATA
 
 
 def source_fingerprint(source: str) -> str:
@@ -24,14 +26,14 @@ def source_fingerprint(source: str) -> str:
         return source
     path = Path(source).expanduser()
     if path.is_file():
-        return f"sha256:{file_sha256(path)}"
+        return f"sha256:{sha256_file(path)}"
     return f"missing:{source}"  # the task reports the error with the fix
 
 
-@task(name="prepare-data", retries=2, retry_delay_seconds=10, retry_condition_fn=transient_error, **CACHED)
+@task(name=PREPARE_DATA, retries=2, retry_delay_seconds=10, retry_condition_fn=transient_error, **CACHED)
 def prepare_data(data: DataConfig, out_root: str, source_fingerprint: str) -> DataResult:
     """Read, clean, template and split the data; the output directory is named by its content hash."""
-    maybe_fail("prepare-data")
+    maybe_fail(PREPARE_DATA)
     with timed() as t:
         prepared = format_dolly_to_parquet(data, Path(out_root) / "data")
     out_dir = prepared.train_path.parent
@@ -44,7 +46,7 @@ def prepare_data(data: DataConfig, out_root: str, source_fingerprint: str) -> Da
     if dropped:
         logger().info("data: dropped rows by reason: %s", dropped)
     return DataResult(
-        stage="prepare-data",
+        stage=PREPARE_DATA,
         fingerprint=prepared.content_hash,
         files={
             "train": FileRef.of(prepared.train_path),

@@ -15,9 +15,10 @@ from gemma_core.atomic import atomic_write_text
 from gemma_core.config import GenerationConfig
 from tasks.caching import input_fingerprint
 from tasks.common import CACHED
-from tasks.model import load_model, release
+from tasks.model import load_stage_model, release
 from tasks.results import DataResult, EvalResult, FileRef, ModelResult, TrainOutput
 from tasks.runtime import Progress, logger, maybe_fail, peak_rss_mb, timed
+from tasks.stages import evaluate_stage
 
 EVAL_FILE = "eval.json"
 
@@ -38,7 +39,7 @@ def evaluate(
     from gemma_core.dolly_prepare import read_split
     from gemma_core.evaluation import evaluate_model
 
-    maybe_fail(f"evaluate-{which}")
+    maybe_fail(evaluate_stage(which))
     if (which == "tuned") != (adapter is not None):
         raise ValueError(f"evaluate({which!r}) needs {'an' if which == 'tuned' else 'no'} adapter")
     fingerprint = input_fingerprint("evaluate", {
@@ -51,7 +52,7 @@ def evaluate(
         if len(frame) < num_prompts:
             logger().warning("evaluation.num_prompts=%d but the eval split holds %d rows: using all of them",
                              num_prompts, len(frame))
-        loaded = load_model(model, adapter)
+        loaded = load_stage_model(model, adapter)
         progress = Progress(f"generation-{which}", f"generation ({which} model)")
         logger().info("evaluating the %s model on %d held-out prompts", which, len(frame))
         report = evaluate_model(
@@ -67,7 +68,7 @@ def evaluate(
         report.new_tokens_per_second,
     )
     return EvalResult(
-        stage=f"evaluate-{which}",
+        stage=evaluate_stage(which),
         fingerprint=fingerprint,
         files={"eval": FileRef.of(path)},
         seconds=t.seconds,

@@ -1,7 +1,7 @@
 """Stage 2: resolve the model spec to a cached local Keras preset, and load it for the later stages.
 
 Models never travel between tasks: this stage returns the preset's directory and the sha256 of
-each of its files, and every stage that needs the model loads it from there (``load_model``).
+each of its files, and every stage that needs the model loads it from there (``load_stage_model``).
 A keras-hub preset name or ``hf://`` spec has no local directory of ours: it is recorded by name
 and loaded through keras-hub's own download cache.
 """
@@ -16,8 +16,9 @@ from prefect import task
 
 from gemma_core.config import EMBEDDED_MODEL, ModelConfig
 from tasks.common import CACHED, transient_error
-from tasks.results import FileRef, ModelResult, TrainOutput, _HASH_MEMO, file_sha256
+from tasks.results import FileRef, ModelResult, TrainOutput
 from tasks.runtime import logger, maybe_fail, peak_rss_mb, timed
+from tasks.stages import RESOLVE_MODEL
 
 
 def spec_fingerprint(spec: str) -> str:
@@ -38,10 +39,10 @@ def spec_fingerprint(spec: str) -> str:
     return spec
 
 
-@task(name="resolve-model", retries=2, retry_delay_seconds=10, retry_condition_fn=transient_error, **CACHED)
+@task(name=RESOLVE_MODEL, retries=2, retry_delay_seconds=10, retry_condition_fn=transient_error, **CACHED)
 def resolve_model_preset(model: ModelConfig, spec_fingerprint: str) -> ModelResult:
     """Make the model available as a local preset (converting the embedded GGUF once) and hash it."""
-    maybe_fail("resolve-model")
+    maybe_fail(RESOLVE_MODEL)
     with timed() as t:
         preset_dir = _materialize(model)
         if preset_dir is None:
@@ -59,7 +60,7 @@ def resolve_model_preset(model: ModelConfig, spec_fingerprint: str) -> ModelResu
             load_from = str(preset_dir.resolve())
     logger().info("model %s -> %s (content %s)", model.spec, load_from, model_hash)
     return ModelResult(
-        stage="resolve-model",
+        stage=RESOLVE_MODEL,
         fingerprint=spec_fingerprint,
         files=files,
         seconds=t.seconds,
@@ -75,42 +76,24 @@ def _materialize(model: ModelConfig) -> Path | None:
     """The local preset directory for the spec (the embedded GGUF is converted once, into the
     cache), or None for a keras-hub preset name or hf:// repo, which keras-hub downloads into its
     own cache when a stage loads it (``resolve_preset`` has already checked credentials and network)."""
-    from gemma_core.gguf_convert import MANIFEST_FILE
     from gemma_core.models import resolve_preset
 
     path = Path(resolve_preset(model.spec, model.cache_dir))
-    if not path.is_dir():
-        return None
-    if (path / MANIFEST_FILE).exists():
-        _remember_manifest_hashes(path)  # resolve_preset verified every file against its manifest
-    return path
+    return path if path.is_dir() else None
 
 
-def _remember_manifest_hashes(preset_dir: Path) -> None:
-    """The converter just verified every file against its manifest: reuse those hashes."""
-    from gemma_core import gguf_convert
-
-    manifest = gguf_convert.read_manifest(preset_dir) or {}
-    for name, entry in (manifest.get("files") or {}).items():
-        path = preset_dir / name
-        stat = path.stat()
-        if stat.st_size == entry.get("size"):
-            _HASH_MEMO[(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)] = entry["sha256"]
-
-
-def load_model(model: ModelResult, adapter: TrainOutput | None = None):
-    """A fresh keras-hub CausalLM for ``model``; with ``adapter``, LoRA enabled exactly as in training
-    (rank and target layers) and the trained weights loaded."""
-    from gemma_core.models import resolve_model
+def load_stage_model(model: ModelResult, adapter: TrainOutput | None = None):
+    """A fresh CausalLM for ``model`` (:func:`gemma_core.models.load_model`); with ``adapter``, LoRA
+    enabled exactly as in training (rank and target layers) and the trained weights loaded."""
+    from gemma_core.config import LoraConfig
+    from gemma_core.models import load_model
 
     with timed() as t:
-        loaded = resolve_model(model.preset_dir, model.cache_dir)
-        if adapter is not None:
-            from gemma_core.config import LoraConfig
-            from gemma_core.lora_train import enable_lora
-
-            enable_lora(loaded, LoraConfig(**adapter.lora))
-            loaded.backbone.load_lora_weights(str(adapter.path("adapter")))
+        loaded = load_model(
+            model.preset_dir, model.cache_dir,
+            lora=LoraConfig(**adapter.lora) if adapter is not None else None,
+            adapter=adapter.path("adapter") if adapter is not None else None,
+        )
     logger().info("loaded %s%s in %.1f s", model.spec, " with the tuned adapter" if adapter else "", t.seconds)
     return loaded
 
@@ -121,6 +104,3 @@ def release() -> None:
     import gc
 
     gc.collect()
-
-
-__all__ = ["resolve_model_preset", "load_model", "release", "spec_fingerprint", "file_sha256"]

@@ -21,6 +21,7 @@ from tasks.common import CACHED
 from tasks.evaluate import read_eval
 from tasks.results import DataResult, EvalResult, FileRef, ModelResult, ReportResult, TrainOutput
 from tasks.runtime import logger, maybe_fail, peak_rss_mb, timed
+from tasks.stages import RENDER_REPORT
 
 ARTIFACT_MARKDOWN = "artifact.md"  # report.md with the curve inlined as a data: URI (for the Prefect UI)
 
@@ -35,7 +36,7 @@ def read_losses(train: TrainOutput) -> list[float]:
     return losses
 
 
-@task(name="render-report", **CACHED)
+@task(name=RENDER_REPORT, **CACHED)
 def render_report(
     base: EvalResult,
     tuned: EvalResult,
@@ -46,7 +47,7 @@ def render_report(
     num_side_by_side: int,
     out_root: str,
 ) -> ReportResult:
-    maybe_fail("render-report")
+    maybe_fail(RENDER_REPORT)
     fingerprint = input_fingerprint("report", {
         "base": base, "tuned": tuned, "train": train, "data": data, "model": model, "config": config,
         "num_side_by_side": num_side_by_side,
@@ -83,7 +84,7 @@ def render_report(
     logger().info("report: %d of %d answers changed; %s", changed, report.metrics["num_prompts"],
                   paths["html"].resolve())
     return ReportResult(
-        stage="render-report",
+        stage=RENDER_REPORT,
         fingerprint=fingerprint,
         files={name: FileRef.of(path) for name, path in paths.items()},
         seconds=t.seconds,

@@ -15,21 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from gemma_core.atomic import sha256_file
-
-# (path, size, mtime_ns, inode) -> sha256: a file checked once in this process is not reread
-# unless it changed on disk (the model preset is about 1 GB).
-_HASH_MEMO: dict[tuple[str, int, int, int], str] = {}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    path = Path(path)
-    stat = path.stat()
-    memo_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-    digest = _HASH_MEMO.get(memo_key)
-    if digest is None:
-        digest = _HASH_MEMO[memo_key] = sha256_file(path)
-    return digest
+from gemma_core.manifest import file_problem, sha256_file
 
 
 class FileRef(BaseModel):
@@ -40,15 +26,10 @@ class FileRef(BaseModel):
 
     @classmethod
     def of(cls, path: str | os.PathLike) -> "FileRef":
-        return cls(path=str(Path(path).resolve()), sha256=file_sha256(path))
+        return cls(path=str(Path(path).resolve()), sha256=sha256_file(path))
 
     def problem(self) -> str | None:
-        path = Path(self.path)
-        if not path.is_file():
-            return f"{path} is missing"
-        if file_sha256(path) != self.sha256:
-            return f"{path} does not match its recorded sha256"
-        return None
+        return file_problem(self.path, self.sha256)
 
 
 class StageResult(BaseModel):

@@ -1,8 +1,9 @@
-"""Stage 4: LoRA fine-tuning, resumable from its newest checkpoint.
+"""Stage 4: LoRA fine-tuning (:func:`gemma_core.lora_train.train_lora`), resumable from its newest checkpoint.
 
-The output directory is named by the hash of everything that changes the adapter (train and LoRA
-config, data and model content, code), so a failed run's rerun finds its own checkpoints there
-and continues, and a changed learning rate never resumes another run's checkpoints.
+The output directory is named by the hash of everything that changes the adapter (the train config
+as its cache key sees it, LoRA config, data and model content, code), so a failed run's rerun finds
+its own checkpoints there and continues, and a changed learning rate never resumes another run's
+checkpoints.
 """
 
 from __future__ import annotations
@@ -12,52 +13,40 @@ from pathlib import Path
 from prefect import task
 
 from gemma_core.config import LoraConfig, TrainConfig
-from tasks.caching import ContentCache, input_fingerprint
+from tasks.caching import input_fingerprint
 from tasks.common import CACHED
-from tasks.model import load_model, release
+from tasks.model import load_stage_model, release
 from tasks.results import DataResult, FileRef, ModelResult, TrainOutput
 from tasks.runtime import Progress, logger, maybe_fail, peak_rss_mb, timed
-
-# Settings that change how often checkpoints are written, never the adapter: not part of the key.
-NOT_IN_KEY = {"checkpoint_every", "keep_checkpoints"}
+from tasks.stages import TRAIN_LORA
 
 
-def train_identity(train: TrainConfig) -> dict:
-    return train.model_dump(mode="json", exclude=NOT_IN_KEY)
-
-
-@task(name="train-lora", **{**CACHED, "cache_policy": ContentCache(exclude=("checkpointing",))})
+@task(name=TRAIN_LORA, **CACHED)
 def train_adapter(
-    train: dict, lora: LoraConfig, data: DataResult, model: ModelResult, out_root: str, checkpointing: dict,
-    backend: str = "jax",
+    train: TrainConfig, lora: LoraConfig, data: DataResult, model: ModelResult, out_root: str, backend: str = "jax",
 ) -> TrainOutput:
-    """Fine-tune the base model on the training split; write the adapter and a per-step log.
-
-    ``train`` is :func:`train_identity` of the train config (what changes the adapter);
-    ``checkpointing`` holds ``checkpoint_every`` and ``keep_checkpoints`` and is not in the key.
-    """
+    """Fine-tune the base model on the training split; write the adapter and a per-step log."""
     from gemma_core.dolly_prepare import read_split
     from gemma_core.lora_train import train_lora
 
-    maybe_fail("train-lora")
-    cfg = TrainConfig(**train, **checkpointing)
+    maybe_fail(TRAIN_LORA)
     fingerprint = input_fingerprint("train", {"train": train, "lora": lora, "data": data, "model": model,
                                             "backend": backend})
     out_dir = Path(out_root) / "train" / f"train-{fingerprint[:16]}"
     with timed() as t:
         frame = read_split(data.path("train"))
-        loaded = load_model(model)
+        loaded = load_stage_model(model)
         progress = Progress("lora-training", "LoRA fine-tuning")
 
         def on_step(report) -> None:
             progress.update(report.step, report.total_steps,
                             f"loss {report.loss:.3f}, {report.tokens_per_second:.0f} tokens/s")
-            maybe_fail("train-lora", step=report.step)
+            maybe_fail(TRAIN_LORA, step=report.step)
 
         logger().info("fine-tuning on %d examples (lr %g, rank %d, batch %d, sequence length %d) in %s",
-                      len(frame), cfg.learning_rate, lora.rank, cfg.batch_size, cfg.sequence_length, out_dir)
+                      len(frame), train.learning_rate, lora.rank, train.batch_size, train.sequence_length, out_dir)
         result = train_lora(
-            loaded, list(frame["prompt"]), list(frame["response"]), cfg, lora, out_dir,
+            loaded, list(frame["prompt"]), list(frame["response"]), train, lora, out_dir,
             run_identity={"model_id": model.model_hash, "data_hash": data.data_hash},
             on_step=on_step,
         )
@@ -69,7 +58,7 @@ def train_adapter(
     logger().info("training done: %d steps, loss %.3f -> %.3f, %.0f useful tokens/s",
                   result.steps, result.losses[0], result.losses[-1], tps if tps == tps else 0.0)
     return TrainOutput(
-        stage="train-lora",
+        stage=TRAIN_LORA,
         fingerprint=fingerprint,
         files={"adapter": FileRef.of(result.adapter_path), "log": FileRef.of(result.log_path)},
         seconds=t.seconds,
@@ -79,6 +68,6 @@ def train_adapter(
         resumed_from_step=result.resumed_from_step,
         final_loss=result.losses[-1] if result.losses else None,
         useful_tokens_per_second=tps if tps == tps else None,
-        learning_rate=cfg.learning_rate,
+        learning_rate=train.learning_rate,
         lora=lora.model_dump(mode="json"),
     )

@@ -62,7 +62,7 @@ def gemma3_270m_preset():
     It lives in the same cache the pipeline uses ($GEMMA_LORA_CACHE, else the user cache dir), so
     test sessions and real runs share one conversion instead of each spending a minute on it.
     """
-    from gemma_core.gguf_convert import ensure_converted
+    from gemma_core.preset_cache import ensure_converted
     from gemma_core.models import default_cache_dir
 
     return ensure_converted(default_cache_dir())

@@ -323,6 +323,7 @@ def test_a_failed_training_run_fails_the_stage_with_the_runs_link(monkeypatch):
     from prefect.settings import PREFECT_UI_URL, temporary_settings
     from prefect.states import Failed
 
+    from flows.stages import StageRunner
     from flows.training import TrainingRunFailed, run_training
 
     child = FlowRun(id=uuid.uuid4(), name="brave-otter", flow_id=uuid.uuid4(),
@@ -338,7 +339,7 @@ def test_a_failed_training_run_fails_the_stage_with_the_runs_link(monkeypatch):
     config = {"train": {"learning_rate": 1e-3}}
     with temporary_settings(updates={PREFECT_UI_URL: "http://prefect.example:4200"}):
         with pytest.raises(TrainingRunFailed) as failure:
-            run_training(config, data, model, "/results", deployment="lora-training/gpu")
+            run_training(config, data, model, "/results", stages=StageRunner(None), deployment="lora-training/gpu")
     message = str(failure.value)
     assert f"http://prefect.example:4200/runs/flow-run/{child.id}" in message
     assert "'brave-otter'" in message and "lora-training/gpu" in message and "InjectedFailure" in message

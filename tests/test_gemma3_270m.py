@@ -44,9 +44,9 @@ def compare(logits: np.ndarray, case: dict) -> tuple[list[int], float]:
 
 
 def test_converted_from_the_same_gguf_as_the_fixture(gemma3_270m_preset):
-    from gemma_core.gguf_convert import read_manifest
+    from gemma_core.models import describe_preset
 
-    manifest = read_manifest(gemma3_270m_preset)
+    manifest = describe_preset(gemma3_270m_preset)
     assert manifest["source"] == FIXTURE["gguf_file"]
     assert manifest["source_sha256"] == FIXTURE["gguf_sha256"]
 

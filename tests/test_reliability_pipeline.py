@@ -229,7 +229,7 @@ def test_damaged_persisted_task_results_are_recomputed(server, tiny_preset, tmp_
     assert states["evaluate-base"] == "Completed" and states["train-lora"] == "Completed", states
     assert states["prepare-data"] == states["resolve-model"] == "Cached"
     assert f"cached result record {base}" in output and "unreadable" in output, output[-4000:]
-    assert f"{adapter['path']} does not match its recorded sha256" in output, output[-4000:]
+    assert f"{adapter['path']}: sha256 differs" in output, output[-4000:]
     # Training was not redone: it resumed from its final checkpoint.
     latest = verify_latest(root)
     assert latest["results"]["train"]["resumed_from_step"] == 4

@@ -16,9 +16,9 @@ def test_prepare_data_result_points_to_verified_files(tmp_path):
     assert result.path("train").parent.name == f"data-{result.data_hash}"
     train = result.path("train")
     train.write_bytes(train.read_bytes() + b"x")
-    assert "does not match its recorded sha256" in result.verify()
+    assert "sha256 differs" in result.verify()
     train.unlink()
-    assert "is missing" in result.verify()
+    assert ": missing" in result.verify()
 
 
 def test_cache_identity_is_content_not_timing(tmp_path):

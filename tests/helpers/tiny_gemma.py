@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gemma_core.atomic import atomic_directory
-from gemma_core.gguf_convert import require, write_manifest
+from gemma_core.manifest import write_manifest
+from gemma_core.preset_cache import PRESET_MANIFEST
 
 if TYPE_CHECKING:
     import keras_hub
@@ -91,7 +92,8 @@ def tiny_corpus(seed: int = 0, lines: int = 2000) -> list[str]:
 
 def train_tiny_tokenizer_proto(seed: int = 0, vocabulary_size: int = VOCABULARY_SIZE) -> bytes:
     """Serialized SentencePiece BPE model, laid out like Gemma's (see the module docstring)."""
-    spm = require("sentencepiece", "training the tiny tokenizer")
+    import sentencepiece as spm
+
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(tiny_corpus(seed)),
@@ -118,7 +120,8 @@ def train_tiny_tokenizer_proto(seed: int = 0, vocabulary_size: int = VOCABULARY_
 
 def make_tiny_gemma3(seed: int = 0, sequence_length: int = SEQUENCE_LENGTH) -> "keras_hub.models.Gemma3CausalLM":
     """Build the tiny Gemma 3 ``CausalLM`` with its preprocessor; same ``seed``, same weights and vocabulary."""
-    keras_hub = require("keras_hub", "building the tiny Gemma 3")
+    import keras_hub
+
     tokenizer = keras_hub.models.Gemma3Tokenizer(proto=train_tiny_tokenizer_proto(seed), has_vision_tokens=True)
     backbone = keras_hub.models.Gemma3Backbone(vocabulary_size=tokenizer.vocabulary_size(), **BACKBONE_CONFIG)
     _seed_weights(backbone, seed)
@@ -135,7 +138,8 @@ def save_tiny_gemma3_preset(path: str | Path, seed: int = 0) -> Path:
     with atomic_directory(path) as tmp:
         tmp.chmod(0o755)
         make_tiny_gemma3(seed).save_to_preset(str(tmp))
-        write_manifest(tmp, {"description": "tiny randomly initialised Gemma 3 for tests", "seed": seed})
+        write_manifest(tmp, {"description": "tiny randomly initialised Gemma 3 for tests", "seed": seed},
+                       name=PRESET_MANIFEST)
     return path
 
 
@@ -146,7 +150,8 @@ def save_tiny_gemma3_gguf(path: str | Path, seed: int = 0) -> Path:
     tensor names and its ``w + 1`` RMSNorm storage; the vocabulary gets llama.cpp's token types, with
     ``<unk>`` and the chat markers typed CONTROL as in the real file. Published atomically.
     """
-    gguf = require("gguf", "writing a GGUF")
+    import gguf
+
     from keras_hub.src.utils.transformers.export.gemma3 import get_gemma3_weights_map
 
     model = make_tiny_gemma3(seed)
@@ -185,7 +190,8 @@ def save_tiny_gemma3_gguf(path: str | Path, seed: int = 0) -> Path:
 
 
 def _add_llama_cpp_vocabulary(writer, gguf, tokenizer) -> None:
-    spm_pb2 = require("sentencepiece.sentencepiece_model_pb2", "reading the tiny tokenizer")
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
     proto = spm_pb2.ModelProto()
     proto.ParseFromString(tokenizer.proto)
     kind = spm_pb2.ModelProto.SentencePiece
