@@ -1,17 +1,15 @@
 """The comparison report: base vs tuned model on the same held-out prompts, rendered three ways.
 
-Pure rendering, no orchestration: the pipeline hands in the two evaluation reports (as produced by
-``EvalReport.to_dict()``), the training log and a run manifest. :func:`build_report` computes every
-number (``metrics.json``); :func:`sections` turns the report into its sections as plain data (title,
-table of cells, training curve, collapsed details); :func:`render_markdown` (for the Prefect artifact and
-``report.md``) and :func:`render_html` (a standalone page, the training curve embedded as a base64
-PNG) only draw those sections, so the two always show the same tables.
+Pure rendering, no orchestration: :func:`build_report` computes every number (``metrics.json``) from
+the two ``EvalReport.to_dict()`` results, the training log and a run manifest; :func:`sections` turns
+the report into its sections as plain data (a title and blocks: tables, paragraphs, the curve image,
+a collapsed JSON block); :func:`render_markdown` (the Prefect artifact and ``report.md``) and
+:func:`render_html` (a standalone page, the curve embedded as a base64 PNG) only draw those blocks.
 
 >>> report = build_report(base_eval, tuned_eval, training, manifest, num_side_by_side=6)  # doctest: +SKIP
 >>> [s.title for s in sections(report)] == list(REPORT_SECTIONS)                        # doctest: +SKIP
 True
->>> paths = write_report(report, "runs/reports/report-abc")                              # doctest: +SKIP
->>> sorted(paths)                                                                       # doctest: +SKIP
+>>> sorted(write_report(report, "runs/reports/report-abc"))                              # doctest: +SKIP
 ['html', 'markdown', 'metrics', 'training_curve']
 """
 
@@ -26,7 +24,7 @@ import platform
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, Union
 
 from gemma_core.atomic import atomic_write_bytes, atomic_write_text
 from gemma_core.formatting import format_metric, truncate
@@ -42,8 +40,8 @@ METRICS: dict[str, tuple[str, int]] = {
 REPORT_SECTIONS = ("Overall metrics", "Per category", "Side-by-side answers", "Training curve", "Run manifest")
 TITLE = "LoRA fine-tuning report: base vs tuned"
 LIBRARIES = ("keras", "keras-hub", "jax", "tensorflow", "prefect", "numpy", "pandas")
-ANSWER_CHARS = 600  # answers are cut to this length in the Markdown and HTML (metrics.json keeps all)
-VALUE_CHARS = 300  # manifest values are cut to this length in the Markdown (the HTML shows them whole)
+ANSWER_CHARS = 600  # prompts, references and answers are cut to this in the report (metrics.json keeps all)
+VALUE_CHARS = 300  # and manifest values to this
 
 
 @dataclass(frozen=True)
@@ -78,6 +76,9 @@ def compare(base: dict[str, float], tuned: dict[str, float]) -> dict[str, dict[s
 
 def prompt_rows(base_eval: dict[str, Any], tuned_eval: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per held-out prompt: the reference, both answers and their scores."""
+    if len(base_eval["rows"]) != len(tuned_eval["rows"]):
+        raise ValueError(f"the base evaluation has {len(base_eval['rows'])} prompts and the tuned one "
+                         f"{len(tuned_eval['rows'])}: they must use the same prompts")
     rows = []
     for i, (b, t) in enumerate(zip(base_eval["rows"], tuned_eval["rows"])):
         if b["instruction"] != t["instruction"]:
@@ -89,38 +90,25 @@ def prompt_rows(base_eval: dict[str, Any], tuned_eval: dict[str, Any]) -> list[d
             "base_ended": bool(b["ended_with_eos"]), "tuned_ended": bool(t["ended_with_eos"]),
             "base_tokens": int(b["new_tokens"]), "tuned_tokens": int(t["new_tokens"]),
         })
-    if len(base_eval["rows"]) != len(tuned_eval["rows"]):
-        raise ValueError(
-            f"the base evaluation has {len(base_eval['rows'])} prompts and the tuned one "
-            f"{len(tuned_eval['rows'])}: they must use the same prompts"
-        )
     return rows
 
 
-def build_report(
-    base_eval: dict[str, Any],
-    tuned_eval: dict[str, Any],
-    training: dict[str, Any],
-    manifest: dict[str, Any],
-    num_side_by_side: int,
-) -> Report:
+def build_report(base_eval: dict[str, Any], tuned_eval: dict[str, Any], training: dict[str, Any],
+                 manifest: dict[str, Any], num_side_by_side: int) -> Report:
     """Assemble the report from two ``EvalReport.to_dict()`` results, training facts and a manifest.
 
     ``training`` holds at least ``losses`` (one per step); ``manifest`` is rendered as given (model,
     data, config, versions, stage timings, throughput, peak memory).
     """
     rows = prompt_rows(base_eval, tuned_eval)
-    categories = sorted(set(base_eval["per_category"]) | set(tuned_eval["per_category"]))
-    losses = [float(x) for x in training.get("losses", [])]
+    base_cat, tuned_cat = base_eval["per_category"], tuned_eval["per_category"]
     changed = sum(r["base_answer"] != r["tuned_answer"] for r in rows)
     metrics = {
         "overall": compare(base_eval["overall"], tuned_eval["overall"]),
         "per_category": {
-            c: {
-                "examples": int(base_eval["per_category"].get(c, {}).get("examples", 0)),
-                **compare(base_eval["per_category"].get(c, {}), tuned_eval["per_category"].get(c, {})),
-            }
-            for c in categories
+            c: {"examples": int(base_cat.get(c, {}).get("examples", 0)),
+                **compare(base_cat.get(c, {}), tuned_cat.get(c, {}))}
+            for c in sorted(set(base_cat) | set(tuned_cat))
         },
         "answers_changed": changed,
         "num_prompts": len(rows),
@@ -142,11 +130,17 @@ def build_report(
         )
     if not changed and rows:
         notes.append("The tuned model answered every prompt exactly as the base model did.")
+    losses = [float(x) for x in training.get("losses", [])]
     return Report(metrics, losses, rows[:num_side_by_side], _jsonable(manifest), notes)
 
 
 # ----------------------------------------------------------------------------------------------
-# Training curve
+# Training curve; a diverged run logs NaN/inf losses, which the picture, sparkline and caption skip
+
+
+def _finite_steps(losses: Sequence[float]) -> list[tuple[int, float]]:
+    """(step, loss) of every step (counted from 1) whose loss is a finite number."""
+    return [(step, float(loss)) for step, loss in enumerate(losses, 1) if math.isfinite(loss)]
 
 
 def training_curve_png(losses: Sequence[float], dpi: int = 90) -> bytes:
@@ -155,17 +149,19 @@ def training_curve_png(losses: Sequence[float], dpi: int = 90) -> bytes:
 
     fig = Figure(figsize=(6.0, 3.0), dpi=dpi)
     ax = fig.add_subplot(1, 1, 1)
-    steps = list(range(1, len(losses) + 1))
-    if losses:
-        ax.plot(steps, losses, marker="o", markersize=3, linewidth=1.2, color="#1f77b4", label="loss per step")
-        window = max(1, len(losses) // 8)
+    points = _finite_steps(losses)
+    if points:
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="o", markersize=3, linewidth=1.2, color="#1f77b4", label="loss per step")
+        window = max(1, len(values) // 8)
         if window > 1:
-            smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
-                      for i in range(len(losses))]
+            parts = (values[max(0, i - window + 1):i + 1] for i in range(len(values)))
+            smooth = [sum(part) / len(part) for part in parts]
             ax.plot(steps, smooth, linewidth=2.0, color="#d62728", label=f"mean of last {window}")
         ax.legend(loc="upper right", fontsize=8)
     else:
-        ax.text(0.5, 0.5, "no training steps", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no finite loss" if losses else "no training steps", ha="center", va="center",
+                transform=ax.transAxes)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (response tokens)")
     ax.set_title("LoRA fine-tuning", fontsize=10)
@@ -178,72 +174,70 @@ def training_curve_png(losses: Sequence[float], dpi: int = 90) -> bytes:
 
 def curve_caption(losses: Sequence[float]) -> str:
     """First vs last quarter of the steps: one step's loss depends on its batch, a quarter's mean less so."""
-    n = max(1, len(losses) // 4)
-    first, last = sum(losses[:n]) / n, sum(losses[-n:]) / n
-    span = "step 1" if n == 1 else f"steps 1-{n}"
-    end = f"step {len(losses)}" if n == 1 else f"steps {len(losses) - n + 1}-{len(losses)}"
-    return f"{len(losses)} steps; mean loss {format_metric(first)} over {span} → {format_metric(last)} over {end}"
+    points = _finite_steps(losses)
+    skipped = len(losses) - len(points)
+    caption = f"{len(losses)} steps" + (f" ({skipped} not finite, left out)" if skipped else "")
+    n = max(1, len(points) // 4)
+
+    def mean_over(part: list[tuple[int, float]]) -> str:
+        span = f"step {part[0][0]}" if len(part) == 1 else f"steps {part[0][0]}-{part[-1][0]}"
+        return f"{format_metric(sum(loss for _, loss in part) / len(part))} over {span}"
+
+    return f"{caption}; mean loss {mean_over(points[:n])} → {mean_over(points[-n:])}" if points else caption
 
 
 def sparkline(values: Sequence[float], width: int = 48) -> str:
-    """A one-line text picture of the curve, for places that cannot show images."""
-    if not values:
-        return ""
+    """A one-line text picture of the curve's finite values, for places that cannot show images."""
+    values = [v for _, v in _finite_steps(values)]
     if len(values) > width:
-        step = len(values) / width
-        values = [values[int(i * step)] for i in range(width)]
-    lo, hi = min(values), max(values)
-    bars = "▁▂▃▄▅▆▇█"
-    if hi == lo:
+        values = [values[int(i * len(values) / width)] for i in range(width)]
+    lo, hi, bars = min(values, default=0.0), max(values, default=0.0), "▁▂▃▄▅▆▇█"
+    if hi == lo:  # a flat line (or none)
         return bars[3] * len(values)
     return "".join(bars[min(7, int((v - lo) / (hi - lo) * 8))] for v in values)
 
 
 # ----------------------------------------------------------------------------------------------
-# The sections as data: both renderers draw exactly these
+# The sections as data: both renderers draw exactly these blocks
 
 
-@dataclass(frozen=True)
-class Column:
-    title: str
-    sub: str | None = None  # a second line under the title
-    right: bool = False  # right-aligned in the Markdown
+class Code(str):
+    """Inline code in a paragraph; a paragraph is a tuple of ``str`` and ``Code`` parts."""
 
 
 @dataclass(frozen=True)
 class Cell:
-    text: str
-    kind: str = "label"  # label, num, answer (free text, cut to ANSWER_CHARS), value (free text the Markdown cuts)
-    change: str | None = None  # a metric's change: after the text, or alone when the text is empty
+    text: str  # as the reader sees it: the renderers escape it
+    change: str | None = None  # a metric's change, after the text
     direction: str = ""  # the change is "better", "worse" or neither (""): the HTML colours it
-    remark: str | None = None  # a short aside after the text
+    remarks: tuple[str, ...] = ()  # short asides after the text, in italics
 
 
 @dataclass(frozen=True)
 class Table:
-    columns: tuple[Column, ...]
+    columns: tuple[str, ...]
     rows: tuple[tuple[Cell, ...], ...]
-    key_column: bool = False  # each row starts with its key: a list of key/value pairs
-    empty: str | None = None  # said instead of the table when it has no rows
+    numbers_from: float = math.inf  # the columns from this index on hold numbers: right-aligned
 
 
 @dataclass(frozen=True)
-class Curve:
-    alt: str
-    caption: str | None  # None: there were no training steps
-    sparkline: str  # the curve as text, for viewers that show no image
+class Image:
+    alt: str  # the training curve; where it comes from is the renderer's argument
+
+
+@dataclass(frozen=True)
+class Details:
+    summary: str
+    text: str  # preformatted, collapsed under the summary
+
+
+Block = Union[Table, Image, Details, tuple]  # a tuple: a paragraph
 
 
 @dataclass(frozen=True)
 class Section:
     title: str
-    table: Table | None = None
-    curve: Curve | None = None
-    details: tuple[str, str] | None = None  # (summary, JSON text): a collapsed block
-
-
-class Code(str):
-    """Inline code in a paragraph; a paragraph is a tuple of ``str`` and ``Code`` parts."""
+    blocks: tuple[Block, ...]
 
 
 def intro(report: Report) -> tuple[str, ...]:
@@ -260,62 +254,55 @@ def intro(report: Report) -> tuple[str, ...]:
 def sections(report: Report) -> list[Section]:
     """The report's sections, in REPORT_SECTIONS order, as data."""
     m, manifest, losses = report.metrics, report.manifest, report.losses
-    config = ("config", json.dumps(manifest["config"], indent=2, sort_keys=True)) if "config" in manifest else None
-    curve = Curve("training loss per step", curve_caption(losses) if losses else None, sparkline(losses))
+    overall = tuple(
+        (Cell(label), *(Cell(format_metric(m["overall"][key][side])) for side in ("base", "tuned")),
+         _change_cell("", m["overall"][key]["change"], better))
+        for key, (label, better) in METRICS.items()
+    )
+    per_category = tuple(
+        (Cell(cat), Cell(str(values["examples"])), *(
+            _change_cell(f"{format_metric(values[key]['base'])} → {format_metric(values[key]['tuned'])}",
+                         values[key]["change"], better) for key, (_, better) in METRICS.items()))
+        for cat, values in m["per_category"].items()
+    )
+    answers = tuple(
+        (Cell(str(r["index"] + 1)), Cell(r["category"]), _free_text(r["instruction"]), _free_text(r["reference"]),
+         _free_text(r["base_answer"], ended=r["base_ended"]), _free_text(r["tuned_answer"], ended=r["tuned_ended"]))
+        for r in report.side_by_side
+    )
+    spark = sparkline(losses)
+    curve = (((Code(spark), " ") if spark else ()) + (curve_caption(losses),)) if losses else ("(no training steps)",)
+    manifest_blocks: list[Block] = [Table(("item", "value"), tuple(
+        (Cell(key), _free_text(_fmt_value(value), VALUE_CHARS)) for key, value in _flatten(manifest, skip=("config",))
+    ))]
+    if "config" in manifest:
+        manifest_blocks.append(Details("config", json.dumps(manifest["config"], indent=2, sort_keys=True)))
     return [
-        Section(REPORT_SECTIONS[0], table=_overall_table(m["overall"])),
-        Section(REPORT_SECTIONS[1], table=_category_table(m["per_category"])),
-        Section(REPORT_SECTIONS[2], table=_side_by_side_table(report.side_by_side)),
-        Section(REPORT_SECTIONS[3], curve=curve),
-        Section(REPORT_SECTIONS[4], table=_manifest_table(manifest), details=config),
+        Section(REPORT_SECTIONS[0], (Table(("metric", "base", "tuned", "change"), overall, numbers_from=1),)),
+        Section(REPORT_SECTIONS[1], (Table(
+            ("category", "n", *(f"{label} (base → tuned)" for label, _ in METRICS.values())), per_category, 1),)),
+        Section(REPORT_SECTIONS[2], (
+            Table(("#", "category", "prompt", "reference", "base model", "tuned model"), answers) if answers
+            else ("(none requested: evaluation.num_side_by_side = 0)",),)),
+        Section(REPORT_SECTIONS[3], (Image("training loss per step"), curve)),
+        Section(REPORT_SECTIONS[4], tuple(manifest_blocks)),
     ]
 
 
-def _overall_table(overall: dict[str, dict[str, float | None]]) -> Table:
-    rows = tuple(
-        (Cell(label), *(Cell(format_metric(overall[key][side]), "num") for side in ("base", "tuned")),
-         _change_cell("", overall[key]["change"], better))
-        for key, (label, better) in METRICS.items()
-    )
-    return Table((Column("metric"), *(Column(t, right=True) for t in ("base", "tuned", "change"))), rows)
-
-
-def _category_table(per_category: dict[str, dict[str, Any]]) -> Table:
-    columns = (Column("category"), Column("n"), *(Column(label, sub="base → tuned") for label, _ in METRICS.values()))
-    rows = tuple(
-        (Cell(cat), Cell(str(values["examples"]), "num"), *(
-            _change_cell(f"{format_metric(values[key]['base'])} → {format_metric(values[key]['tuned'])}",
-                         values[key]["change"], better) for key, (_, better) in METRICS.items()))
-        for cat, values in per_category.items()
-    )
-    return Table(columns, rows)
-
-
 def _change_cell(text: str, change: float | None, better: int) -> Cell:
-    """A metric's change, marked ✓/✗ (and coloured in the HTML) when it went the better/worse way."""
-    if change is None:
-        return Cell(text, "num", change="n/a")
-    mark, direction = ((" ✓", "better") if change * better > 0 else (" ✗", "worse")) if better and change else ("", "")
-    return Cell(text, "num", change=f"{'+' if change > 0 else ''}{format_metric(change)}{mark}", direction=direction)
+    """A metric's change, marked ✓/✗ (and coloured in the HTML) when it went the better/worse way:
+    in parentheses after ``text``, alone when there is none."""
+    gain = 0.0 if change is None else change * better
+    direction = "better" if gain > 0 else "worse" if gain < 0 else ""
+    shown = "n/a" if change is None else f"{'+' if change > 0 else ''}{format_metric(change)}"
+    shown += {"better": " ✓", "worse": " ✗"}.get(direction, "")
+    return Cell(text, change=f"({shown})" if text else shown, direction=direction)
 
 
-def _side_by_side_table(prompts: list[dict[str, Any]]) -> Table:
-    columns = tuple(Column(t) for t in ("#", "category", "prompt", "reference", "base model", "tuned model"))
-    rows = tuple(
-        (Cell(str(r["index"] + 1)), Cell(r["category"]), _answer(r["instruction"]), _answer(r["reference"]),
-         _answer(r["base_answer"], r["base_ended"]), _answer(r["tuned_answer"], r["tuned_ended"]))
-        for r in prompts
-    )
-    return Table(columns, rows, empty="(none requested: evaluation.num_side_by_side = 0)")
-
-
-def _answer(text: str, ended: bool = True) -> Cell:
-    return Cell(truncate(text, ANSWER_CHARS), "answer", remark=None if ended else "cut at max_new_tokens")
-
-
-def _manifest_table(manifest: dict[str, Any]) -> Table:
-    rows = tuple((Cell(key), Cell(_fmt_value(value), "value")) for key, value in _flatten(manifest, skip=("config",)))
-    return Table((Column("item"), Column("value")), rows, key_column=True)
+def _free_text(text: str, limit: int = ANSWER_CHARS, ended: bool = True) -> Cell:
+    """Text from the data, a model or the manifest: cut to ``limit``; said so when it is empty."""
+    remarks = () if text else ("empty",)
+    return Cell(truncate(text, limit), remarks=remarks if ended else (*remarks, "cut at max_new_tokens"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,54 +311,36 @@ def _manifest_table(manifest: dict[str, Any]) -> Table:
 
 def render_markdown(report: Report, curve_src: str | None) -> str:
     """The report as Markdown; ``curve_src`` is the training-curve image's URL (a file name or a data: URI)."""
-    blocks = [[f"# {TITLE}"], [_md_text(intro(report))], *([f"> {note}"] for note in report.notes)]
+    blocks = [f"# {TITLE}", _md_text(intro(report)), *(f"> {note}" for note in report.notes)]
     for section in sections(report):
-        blocks += _md_section(section, curve_src)
-    return "\n".join(line for block in blocks for line in (*block, ""))  # a blank line after each block
+        blocks += [f"## {section.title}", *(_md_block(block, curve_src) for block in section.blocks)]
+    return "\n\n".join(block for block in blocks if block) + "\n"
 
 
-def _md_section(section: Section, curve_src: str | None) -> list[list[str]]:
-    table, curve, blocks = section.table, section.curve, [[f"## {section.title}"]]
-    if table is not None:
-        blocks.append(_md_table(table) if table.rows or table.empty is None else [table.empty])
-    if curve is not None:
-        blocks += [[f"![{curve.alt}]({curve_src})"]] if curve_src else []
-        blocks.append([f"`{curve.sparkline}` {curve.caption}" if curve.caption else "(no training steps)"])
-    if section.details is not None:
-        summary, text = section.details
-        blocks.append([f"<details><summary>{summary}</summary>", "", "```json", text, "```", "", "</details>"])
-    return blocks
-
-
-def _md_table(table: Table) -> list[str]:
-    return [
-        _md_row(f"{c.title} ({c.sub})" if c.sub else c.title for c in table.columns),
-        _md_row("---:" if c.right else "---" for c in table.columns),
-        *(_md_row(_md_cell(cell) for cell in row) for row in table.rows),
-    ]
-
-
-def _md_row(cells: Iterable[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
+def _md_block(block: Block, curve_src: str | None) -> str:
+    if isinstance(block, Table):
+        align = ("---:" if i >= block.numbers_from else "---" for i in range(len(block.columns)))
+        rows = [block.columns, align, *(map(_md_cell, row) for row in block.rows)]
+        return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    if isinstance(block, Image):
+        return f"![{block.alt}]({curve_src})" if curve_src else ""
+    if isinstance(block, Details):
+        return f"<details><summary>{block.summary}</summary>\n\n```json\n{block.text}\n```\n\n</details>"
+    return _md_text(block)
 
 
 def _md_cell(cell: Cell) -> str:
-    if cell.kind in ("answer", "value"):  # free text; an answer is already cut to ANSWER_CHARS
-        text = _md_escape(cell.text if cell.kind == "answer" else truncate(cell.text, VALUE_CHARS))
-    else:
-        text = cell.text
-    if cell.change is not None:
-        text = f"{text} ({cell.change})" if text else cell.change
-    return text + (f" *({cell.remark})*" if cell.remark else "")
+    parts = (_md_escape(cell.text), cell.change, *(f"*({remark})*" for remark in cell.remarks))
+    return " ".join(part for part in parts if part)
 
 
 def _md_escape(text: str) -> str:
-    """Free text inside a table cell: one line, no column breaks, no raw HTML."""
+    """Text inside a table cell: one line, no column breaks, no raw HTML."""
     text = html.escape(text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", ""), quote=False)
-    return text.replace("\n", "<br>") or "*(empty)*"
+    return text.replace("\n", "<br>")
 
 
-def _md_text(parts: Sequence[str]) -> str:
+def _md_text(parts: tuple[str, ...]) -> str:
     return "".join(f"`{p}`" if isinstance(p, Code) else p for p in parts)
 
 
@@ -384,74 +353,46 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem 
 color:#222;line-height:1.4;padding:0 1rem}
 table{border-collapse:collapse;margin:0.5rem 0 1.5rem;font-size:0.9rem}
 th,td{border:1px solid #ccc;padding:0.3rem 0.5rem;vertical-align:top;text-align:left}
-th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f3f3f3} td{white-space:pre-wrap;overflow-wrap:anywhere;max-width:22rem}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .better{color:#18794e} .worse{color:#b42318} .note{background:#fff8e1;border-left:4px solid #f5b400;
 padding:0.5rem 1rem} pre{background:#f6f8fa;padding:0.75rem;overflow:auto;font-size:0.8rem}
-td.answer{white-space:pre-wrap;max-width:22rem}
 """
 _e = html.escape
 
 
 def render_html(report: Report, curve_png: bytes | None) -> str:
     """A standalone HTML page (no external files): the training curve is embedded as base64 PNG."""
+    src = curve_data_uri(curve_png) if curve_png else None
     lines = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         "<title>LoRA fine-tuning report</title>", f"<style>{_CSS}</style></head><body>",
-        f"<h1>{_e(TITLE)}</h1>", f"<p>{_html_text(intro(report))}</p>",
+        f"<h1>{_e(TITLE)}</h1>", _html_block(intro(report), src),
         *(f'<p class="note">{_e(note)}</p>' for note in report.notes),
     ]
     for section in sections(report):
-        lines += _html_section(section, curve_png)
-    return "\n".join([*lines, "</body></html>"])
+        lines += [f"<h2>{_e(section.title)}</h2>", *(_html_block(block, src) for block in section.blocks)]
+    return "\n".join([*filter(None, lines), "</body></html>", ""])
 
 
-def _html_section(section: Section, curve_png: bytes | None) -> list[str]:
-    table, curve, lines = section.table, section.curve, [f"<h2>{_e(section.title)}</h2>"]
-    if table is not None and table.empty is None:  # a table that is always there opens on the heading's line
-        lines[0] += _html_table(table)
-    elif table is not None:
-        lines.append(_html_table(table) if table.rows else f"<p>{_e(table.empty)}</p>")
-    if curve is not None and curve_png:
-        lines.append(f'<img alt="{_e(curve.alt)}" src="{curve_data_uri(curve_png)}">')
-    if curve is not None and curve.caption:
-        lines.append(f"<p>{_e(curve.caption)}</p>")
-    if section.details is not None:
-        lines.append("<details><summary>{}</summary><pre>{}</pre></details>".format(*map(_e, section.details)))
-    return lines
+def _html_block(block: Block, src: str | None) -> str:
+    if isinstance(block, Table):
+        rows = ["".join(f"<th>{_e(title)}</th>" for title in block.columns), *(
+            "".join(f"<td{' class=num' if i >= block.numbers_from else ''}>{_html_cell(cell)}</td>"
+                    for i, cell in enumerate(row)) for row in block.rows)]
+        return "\n".join(["<table>", *(f"<tr>{row}</tr>" for row in rows), "</table>"])
+    if isinstance(block, Image):
+        return f'<img alt="{_e(block.alt)}" src="{src}">' if src else ""
+    if isinstance(block, Details):
+        return f"<details><summary>{_e(block.summary)}</summary><pre>{_e(block.text)}</pre></details>"
+    return "<p>" + "".join(f"<code>{_e(p)}</code>" if isinstance(p, Code) else _e(p) for p in block) + "</p>"
 
 
-def _html_table(table: Table) -> str:
-    """A key/value table marks each row's key as a header instead of having a header row."""
-    head = "" if table.key_column else _html_row([(_html_column(c), bool(c.sub)) for c in table.columns])
-    rows = [
-        _html_row([(_html_cell(cell, "th" if table.key_column and not i else "td"), bool(cell.text and cell.change))
-                   for i, cell in enumerate(row)])
-        for row in table.rows
-    ]
-    return "\n".join([f"<table>{head}", *rows, "</table>"])
-
-
-def _html_row(cells: Sequence[tuple[str, bool]]) -> str:
-    """A <tr> of (html, paired) cells; a cell pairing two things starts a line of its own (as the page always had)."""
-    row = "<tr>" + "".join("\n" + cell if paired else cell for cell, paired in cells)
-    return row + ("\n</tr>" if any(paired for _, paired in cells) else "</tr>")
-
-
-def _html_column(column: Column) -> str:
-    return f"<th>{_e(column.title)}<br>{_e(column.sub)}</th>" if column.sub else f"<th>{_e(column.title)}</th>"
-
-
-def _html_cell(cell: Cell, tag: str) -> str:
-    if cell.change is not None and not cell.text:
-        return f'<{tag} class="num {cell.direction}">{_e(cell.change)}</{tag}>'
-    body = _e(cell.text) + (f' <span class="{cell.direction}">({_e(cell.change)})</span>' if cell.change else "")
-    body += f"<br><em>({_e(cell.remark)})</em>" if cell.remark else ""
-    attr = {"num": " class=num", "answer": " class=answer"}.get(cell.kind, "")
-    return f"<{tag}{attr}>{body}</{tag}>"
-
-
-def _html_text(parts: Sequence[str]) -> str:
-    return "".join(f"<code>{_e(p)}</code>" if isinstance(p, Code) else _e(p) for p in parts)
+def _html_cell(cell: Cell) -> str:
+    change = cell.change and _e(cell.change)
+    change = f'<span class="{cell.direction}">{change}</span>' if cell.direction else change
+    parts = (_e(cell.text), change, *(f"<em>({_e(remark)})</em>" for remark in cell.remarks))
+    return " ".join(part for part in parts if part)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,25 +423,21 @@ def curve_data_uri(png: bytes) -> str:
 
 
 def _num(value: Any) -> float | None:
-    if value is None:
-        return None
     try:
         value = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # None, text
         return None
-    return None if math.isnan(value) or math.isinf(value) else value
+    return value if math.isfinite(value) else None
 
 
 def _jsonable(value: Any) -> Any:
-    """NaN/inf become None and paths strings, so metrics.json is strict JSON."""
+    """NaN/inf become None and anything else JSON has no type for (paths) a string: metrics.json is strict JSON."""
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, float):
         return _num(value)
-    if isinstance(value, Path):
-        return str(value)
     if value is None or isinstance(value, (str, int, bool)):
         return value
     if hasattr(value, "item"):  # numpy scalars
@@ -511,19 +448,17 @@ def _jsonable(value: Any) -> Any:
 def _fmt_value(value: Any) -> str:
     if isinstance(value, float):
         return format_metric(value)
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, sort_keys=True)
-    return str(value)
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "", skip: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
+    """Nested dicts as dotted keys, two levels deep; a dict of more than 12 entries stays one value."""
     items = []
     for key, value in tree.items():
         if not prefix and key in skip:
             continue
-        name = f"{prefix}{key}"
         if isinstance(value, dict) and value and len(value) <= 12 and not prefix.count("."):
-            items += _flatten(value, name + ".")
+            items += _flatten(value, f"{prefix}{key}.")
         else:
-            items.append((name, value))
+            items.append((f"{prefix}{key}", value))
     return items

@@ -4,13 +4,20 @@ import base64
 import html
 import json
 import math
+import re
+from html.parser import HTMLParser
 
 import pytest
 
 from gemma_core.report import (
     METRICS,
     REPORT_SECTIONS,
+    VALUE_CHARS,
+    Details,
+    Image,
+    Table,
     build_report,
+    curve_caption,
     library_versions,
     render_html,
     render_markdown,
@@ -97,6 +104,11 @@ def _drawn(md, page):
     return [(t1, m, t2, h) for (t1, m), (t2, h) in zip(md_parts, html_parts, strict=True)]
 
 
+def _shown(text):
+    """The start of a cell's text up to the first character a renderer escapes."""
+    return re.split(r"[|<>&\\\n]", text)[0]
+
+
 @pytest.mark.parametrize("num_side_by_side", [0, 2])
 def test_markdown_and_html_draw_the_same_sections_and_rows(num_side_by_side):
     base, tuned = _eval(["It is a colour.", "Ann"], 0.2, 3.0), _eval(["Red | <i>x</i>\nok", ""], 0.4, 2.0)
@@ -105,23 +117,89 @@ def test_markdown_and_html_draw_the_same_sections_and_rows(num_side_by_side):
     parts = _drawn(render_markdown(report, "c.png"), render_html(report, b"png"))
     assert [s.title for s in drawn] == [t for t, _, _, _ in parts] == [t for _, _, t, _ in parts] == list(REPORT_SECTIONS)
     for section, (_, md, _, page) in zip(drawn, parts):
-        table = section.table
-        if table is None or not table.rows:
-            assert "| ---" not in md and "<tr>" not in page
-            if table is not None:
-                assert table.empty in md and f"<p>{table.empty}</p>" in page
-            continue
+        tables = [block for block in section.blocks if isinstance(block, Table)]
+        assert sum(line.startswith("| ---") for line in md.splitlines()) == page.count("<table>") == len(tables)
         md_rows = [line for line in md.splitlines() if line.startswith("| ")]
         html_rows = page.split("<tr>")[1:]
-        assert len(md_rows) == len(table.rows) + 2  # header and alignment rows
-        assert len(html_rows) == len(table.rows) + (0 if table.key_column else 1)  # key/value table: no header row
-        for row, md_row, html_row in zip(table.rows, md_rows[2:], html_rows[-len(table.rows):]):
-            for cell in row:
-                shown = cell.text if cell.kind in ("label", "num") else cell.text[:20].split("|")[0].split("<")[0]
-                assert shown in md_row and html.escape(shown) in html_row, (section.title, cell)
-                if cell.change is not None:
-                    assert cell.change in md_row and html.escape(cell.change) in html_row
-    assert drawn[2].table.rows == () if num_side_by_side == 0 else len(drawn[2].table.rows) == 2
+        assert len(md_rows) == sum(len(t.rows) + 2 for t in tables)  # header and alignment rows
+        assert len(html_rows) == sum(len(t.rows) + 1 for t in tables)  # header row
+        for table in tables:
+            assert [c for c in md_rows[0][2:-2].split(" | ")] == list(table.columns)
+            assert all(f"<th>{html.escape(c)}</th>" in html_rows[0] for c in table.columns)
+            for row, md_row, html_row in zip(table.rows, md_rows[2:], html_rows[1:], strict=True):
+                for cell in row:
+                    assert _shown(cell.text) in md_row and html.escape(_shown(cell.text)) in html_row, (section.title, cell)
+                    for extra in (cell.change, *cell.remarks):
+                        assert extra is None or (extra in md_row and html.escape(extra) in html_row)
+                    if cell.direction:
+                        assert f'<span class="{cell.direction}">{html.escape(cell.change)}</span>' in html_row
+        for block in section.blocks:
+            if isinstance(block, tuple):  # a paragraph
+                assert all(part in md and html.escape(part) in page for part in block)
+            elif isinstance(block, Image):
+                assert f"![{block.alt}](c.png)" in md and f'<img alt="{block.alt}" src="data:image/png;base64,' in page
+            elif isinstance(block, Details):
+                assert block.text in md and f"<pre>{html.escape(block.text)}</pre>" in page
+    answers = drawn[2].blocks
+    if num_side_by_side == 0:
+        assert answers == (("(none requested: evaluation.num_side_by_side = 0)",),)
+    else:
+        assert len(answers[0].rows) == 2 and answers[0].rows[1][5].remarks == ("empty", "cut at max_new_tokens")
+
+
+def test_both_renderers_escape_and_cut_the_same():
+    base = _eval(["a", "b"], 0.2, 3.0)
+    base["per_category"]["<b>qa|x</b>"] = base["per_category"].pop("open_qa")
+    manifest = {**MANIFEST, "notes<i>": "v" * 1000}
+    report = build_report(base, _eval(["a", "b"], 0.4, 2.0), {"losses": [1.0]}, manifest, 2)
+    md, page = render_markdown(report, None), render_html(report, None)
+    assert "| &lt;b&gt;qa\\|x&lt;/b&gt; |" in md and "<td>&lt;b&gt;qa|x&lt;/b&gt;</td>" in page
+    assert "| notes&lt;i&gt; |" in md and "<td>notes&lt;i&gt;</td>" in page
+    cut = "v" * VALUE_CHARS + " …"
+    assert f"| {cut} |" in md and f"<td>{cut}</td>" in page and "v" * (VALUE_CHARS + 1) not in md + page
+    assert f"`{sparkline([1.0])}` 1 steps" in md and f"<code>{sparkline([1.0])}</code> 1 steps" in page
+    assert "<img" not in page and "![" not in md  # no curve given: no image
+
+
+def test_a_diverged_training_log_is_drawn_without_its_nan():
+    losses = [3.0, 2.0, float("nan"), 1.5, float("inf"), 1.0]
+    assert sparkline(losses) == sparkline([3.0, 2.0, 1.5, 1.0]) and len(sparkline(losses)) == 4
+    assert sparkline([float("nan")]) == ""
+    caption = curve_caption(losses)
+    assert "nan" not in caption and "inf" not in caption
+    assert caption == "6 steps (2 not finite, left out); mean loss 3.000 over step 1 → 1.000 over step 6"
+    assert curve_caption([float("nan")] * 3) == "3 steps (3 not finite, left out)"
+    assert curve_caption([3.0, 2.0, 1.0, 1.0]) == "4 steps; mean loss 3.000 over step 1 → 1.000 over step 4"
+    assert training_curve_png(losses)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert training_curve_png([float("nan")])[:8] == b"\x89PNG\r\n\x1a\n"
+    report = build_report(_eval(["a", "b"], 0.2, 3.0), _eval(["a", "c"], 0.4, 2.0), {"losses": losses}, MANIFEST, 1)
+    md, page = render_markdown(report, "c.png"), render_html(report, training_curve_png(report.losses))
+    assert caption in md and caption in page and "nan" not in md.lower()
+
+
+class _Tables(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.open, self.rows = [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("html", "head", "body", "table", "tr", "td", "th", "p", "h1", "h2", "code", "span", "em",
+                   "details", "summary", "pre", "style", "title"):
+            self.open.append(tag)
+        if tag == "table":
+            self.rows.append(0)
+        if tag == "tr":
+            self.rows[-1] += 1
+
+    def handle_endtag(self, tag):
+        assert self.open and self.open.pop() == tag, (tag, self.open)
+
+
+def test_html_parses_with_balanced_tags_and_every_table_has_rows(report):
+    parser = _Tables()
+    parser.feed(render_html(report, training_curve_png(report.losses)))
+    parser.close()
+    assert parser.open == [] and len(parser.rows) == 4 and all(n >= 2 for n in parser.rows)
 
 
 def test_write_report_files(report, tmp_path):
@@ -144,7 +222,7 @@ def test_mismatched_prompts_are_refused():
 
 def test_small_helpers():
     assert sparkline([]) == "" and len(sparkline(list(range(100)), width=20)) == 20
-    assert sparkline([1, 1]) == "▄▄"
+    assert sparkline([1, 1]) == "▄▄" and sparkline([3, 2, 1]) == "█▅▁"
     versions = library_versions()
     assert versions["keras"] != "not installed" and "python" in versions
     empty = build_report(_eval(["a", "b"], 0.1, 1.0), _eval(["a", "b"], 0.1, 1.0), {"losses": []}, {}, 0)
