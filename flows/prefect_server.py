@@ -5,8 +5,8 @@ Two kinds:
 
 - :meth:`PrefectServer.temporary`, the one ``gemma-lora run`` starts as its very first step. Left to
   itself, Prefect starts its temporary server at a run's first API call: it imports the server's
-  code into the calling process (about 5 s on 2 cores), then starts uvicorn in a subprocess and
-  waits for it (about 7 s more). That was most of a fully cached rerun (18.5 s). The CLI instead
+  code into the calling process, then starts uvicorn in a subprocess and waits for it; that was
+  most of a fully cached rerun (bench/RESULTS.md, Orchestration). The CLI instead
   starts the same server in the same way, uvicorn serving Prefect's app factory in Prefect's
   ephemeral mode on the SQLite database under ``PREFECT_HOME``, before it imports the pipeline, so
   the server starts up meanwhile; the run talks to it through ``PREFECT_API_URL``. It serves no UI,

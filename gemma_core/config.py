@@ -79,9 +79,8 @@ class LoraConfig(_Section):
 
 
 class TrainConfig(_Section):
-    # Measured on the 270M model and the offline sample (held-out completion loss after tuning):
-    # 3e-4 x 24 steps -7.3%, 1e-3 x 24 steps -11.7%, 5e-4 x 40 steps -12.3%. The tutorial's 5e-5
-    # barely moves a run this short; for a full Dolly epoch, 1e-4 to 2e-4 is the safer choice.
+    # Chosen by held-out loss on the 270M model and the offline sample (bench/RESULTS.md): the
+    # tutorial's 5e-5 barely moves a run this short; for a full Dolly epoch, 1e-4 to 2e-4 is safer.
     learning_rate: float = Field(5e-4, gt=0, le=1.0, description="AdamW learning rate")
     weight_decay: float = Field(0.01, ge=0, le=1.0, description="AdamW weight decay (not on biases or scales)")
     sequence_length: int = Field(128, ge=16, le=8192, description="tokens per example, prompt plus response")
@@ -111,7 +110,7 @@ class GenerationConfig(_Section):
     temperature: float = Field(1.0, gt=0, le=10.0)
     max_new_tokens: int = Field(64, ge=1, le=4096)
     batch_size: int = Field(16, ge=1, le=512, description="prompts per generate call (the last batch is padded; "
-                            "16 was fastest on a 2-core CPU, bench/bench_generate.py)")
+                            "the fastest measured on a 2-core CPU, bench/RESULTS.md)")
     seed: int = 0
     compact_decode: bool = Field(True, description="prefill only the prompts, decode each row from its own "
                                  "prompt's end, stop at max_new_tokens (Gemma 3 on JAX; false, or another model or "

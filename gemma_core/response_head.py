@@ -43,8 +43,7 @@ def sparse_cross_entropy(labels, logits):
 
     The same number as ``keras.losses.sparse_categorical_crossentropy(..., from_logits=True)``.
     Keras's version multiplies the log-softmax by a one-hot (batch, slots, 262,144) tensor, forward
-    and backward; on the 2-core CPU that made the head's step 1.4x slower (6.7 vs 4.7 ms per
-    position for forward plus backward, against 3.2 ms for its two matmuls alone).
+    and backward, which costs more than the head's own matmuls (bench/RESULTS.md).
     """
     labels = ops.expand_dims(ops.cast(labels, "int32"), axis=-1)
     picked = ops.squeeze(ops.take_along_axis(logits, labels, axis=-1), axis=-1)

@@ -138,21 +138,19 @@ def _drop_if_stale(key: str, task_ctx: TaskRunContext | None) -> None:
 def _report_unreadable(store, key: str, task_ctx: TaskRunContext | None) -> None:
     """Prefect's ``exists`` is False both when no record is stored and when the stored one cannot be
     read (cut short by a crash or a full disk, edited): the task reruns either way; say so in the second case."""
-    from prefect._internal.compatibility.blocks import call_explicitly_sync_block_method
-    from prefect.results import ResultRecord
-
     if store.result_storage is None:
         return
     try:
-        content = call_explicitly_sync_block_method(store.result_storage, "read_path", (key,), {})
-    except Exception:
-        return  # nothing stored under this key
-    try:
-        ResultRecord.deserialize(content)
+        store.read(key)
     except Exception as err:
+        # Prefect's storages say a missing path with ValueError("... does not exist") (local) or
+        # FileNotFoundError (fsspec): nothing is stored under this key, nothing to report.
+        if isinstance(err, FileNotFoundError) or "does not exist" in str(err):
+            return
+        where = f"{str(getattr(store.result_storage, 'basepath', '')).rstrip('/')}/{key}"
         name = task_ctx.task.name if task_ctx else "task"
         _logger().warning("cached result record %s of %s is unreadable (%s: %s): running it again",
-                          store._resolved_key_path(key), name, type(err).__name__, str(err)[:200])
+                          where, name, type(err).__name__, str(err)[:200])
 
 
 def _logger():
