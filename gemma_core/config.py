@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DOLLY_HUB_SOURCE = "hf://databricks/databricks-dolly-15k"
 SAMPLE_SOURCE = "sample"
@@ -128,6 +128,125 @@ class OutputConfig(_Section):
     _paths = field_validator("root")(_no_nul)
 
 
+class PromotionConfig(_Section):
+    """When a challenger replaces the champion: the registry it is recorded in, the gate (gemma_core/gate.py)
+    and the optional approval."""
+
+    # The champion is mirrored as the Prefect Variable gemma-lora-champion-<registry>, and Prefect
+    # Variable names take lowercase letters, digits, '-' and '_' only: a name that could not be
+    # mirrored is refused here, not after a training run.
+    registry: str = Field("default", pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64,
+                          description="pipeline name: one champion and one history per name "
+                          "(lowercase letters, digits, '-', '_')")
+    primary_metric: Literal["completion_loss", "rouge_l_f1"] = Field(
+        "completion_loss", description="the metric the challenger must improve (held-out loss or ROUGE-L)")
+    margin: float = Field(0.0, allow_inf_nan=False, description="the improvement's lower confidence bound "
+                          "must exceed this, in the primary metric's units (negative: allow a small loss)")
+    # A category is two prompts in the default run, and how much one prompt's change differs from
+    # another's in the same category is large for the loss and moderate for ROUGE-L. Each margin is
+    # about 2.5 standard errors of a two-prompt category's change, so that the eight categories of a
+    # challenger that is no worse anywhere block it by chance only about one time in twenty, while a
+    # ruined category moves far more. More prompts per category make smaller margins affordable.
+    category_loss_margin: float = Field(0.45, ge=0, allow_inf_nan=False, description="a category whose "
+                                        "held-out loss rises by more than this (nats per token) blocks a promotion")
+    category_rouge_margin: float = Field(0.1, ge=0, le=1, allow_inf_nan=False, description="a category "
+                                         "whose ROUGE-L falls by more than this blocks a promotion")
+    resamples: int = Field(2000, ge=100, le=1_000_000, description="bootstrap resamples of the prompts")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="level of the improvement's interval")
+    seed: int = Field(0, description="seed of the bootstrap")
+    require_approval: bool = Field(False, description="pause after a passing gate until a person approves")
+    approval_timeout_s: int = Field(3600, ge=1, description="an approval not given within this is a rejection")
+
+
+SWEEP_SECTIONS: dict[str, type[_Section]] = {"train": TrainConfig, "lora": LoraConfig}
+
+
+def nest_sweep_keys(section: Any) -> Any:
+    """``{"train.learning_rate": [...]}`` (the dotted form YAML allows) as ``{"train": {"learning_rate": [...]}}``."""
+    def dotted(key: Any) -> bool:
+        return isinstance(key, str) and "." in key
+
+    if not isinstance(section, Mapping) or not any(dotted(k) for k in section):
+        return section
+    nested = {k: dict(v) if isinstance(v, Mapping) else v for k, v in section.items() if not dotted(k)}
+    for key, value in section.items():
+        if not dotted(key):
+            continue
+        part, _, name = key.partition(".")
+        if part not in SWEEP_SECTIONS:
+            raise ValueError(f"sweep.{key}: only {' and '.join(f'{s}.*' for s in SWEEP_SECTIONS)} fields can be swept")
+        group = nested.setdefault(part, {})
+        if not isinstance(group, dict):
+            raise ValueError(f"sweep.{part} = {group!r} is not a mapping, yet sweep.{key} is given too")
+        if name in group:
+            raise ValueError(f"sweep.{part}.{name} is given twice (as sweep.{key} and inside sweep.{part})")
+        group[name] = value
+    return nested
+
+
+class SweepConfig(_Section):
+    """Values to try for training fields: their grid is the challengers (gemma_core/sweep.py expands it).
+
+    Empty (the default): no sweep, one challenger trained with the config as it is.
+    """
+
+    train: dict[str, list[Any]] = Field({}, description="train field -> values to try, "
+                                        "e.g. {learning_rate: [2e-4, 5e-4, 1e-3]}")
+    lora: dict[str, list[Any]] = Field({}, description="lora field -> values to try, "
+                                       "e.g. {rank: [4, 8]}")
+    max_points: int | None = Field(None, ge=1, description="train only the first N points of the grid (null: all)")
+
+    def __hash__(self) -> int:  # the dicts are not hashable; the config as a whole must stay so
+        return hash(json.dumps(self.model_dump(mode="json"), sort_keys=True))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dotted_keys(cls, data: Any) -> Any:
+        return nest_sweep_keys(data)
+
+    @field_validator("train", "lora", mode="before")
+    @classmethod
+    def _lists(cls, value: Any, info) -> Any:
+        if isinstance(value, Mapping):
+            for name, values in value.items():
+                if not isinstance(values, (list, tuple)):
+                    raise ValueError(f"sweep.{info.field_name}.{name} = {values!r}: must be a list of values "
+                                     "to try, e.g. [2e-4, 5e-4]")
+        return value
+
+    @field_validator("train", "lora")
+    @classmethod
+    def _sweepable(cls, value: dict[str, list[Any]], info) -> dict[str, list[Any]]:
+        section = info.field_name
+        target = SWEEP_SECTIONS[section]
+        fixed = getattr(target, "NOT_IN_CACHE_KEY", frozenset())
+        checked: dict[str, list[Any]] = {}
+        for name, values in value.items():
+            dotted = f"sweep.{section}.{name}"
+            if name not in target.model_fields:
+                allowed = ", ".join(n for n in target.model_fields if n not in fixed)
+                raise ValueError(f"{dotted}: {section} has no field {name!r}; fields that can be swept: {allowed}")
+            if name in fixed:
+                raise ValueError(f"{dotted}: {section}.{name} does not change the trained adapter (it is not "
+                                 "part of its cache key), so sweeping it would train the same adapter again")
+            if not values:
+                raise ValueError(f"{dotted} = []: give at least one value to try")
+            normalised: list[Any] = []
+            for item in values:
+                try:
+                    one = target.model_validate({name: item}).model_dump(mode="json")[name]
+                except ValidationError as err:
+                    raise ValueError(f"{dotted} value {item!r}: {err.errors()[0]['msg']}") from None
+                if one in normalised:
+                    raise ValueError(f"{dotted}: the value {item!r} is listed twice")
+                normalised.append(one)
+            checked[name] = normalised
+        return checked
+
+    def is_empty(self) -> bool:
+        return not self.train and not self.lora
+
+
 class PipelineConfig(_Section):
     backend: Literal["jax", "tensorflow"] = Field("jax", description="Keras backend")
     data: DataConfig = DataConfig()
@@ -137,6 +256,8 @@ class PipelineConfig(_Section):
     generation: GenerationConfig = GenerationConfig()
     evaluation: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+    sweep: SweepConfig = SweepConfig()
+    promotion: PromotionConfig = PromotionConfig()
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none named), for cache keys and metadata."""
@@ -155,6 +276,11 @@ def load_config(
     data: dict[str, Any] = {}
     if path is not None:
         data = _read_yaml(Path(path))
+        if "sweep" in data:  # dotted keys nested first, so that an override of the same field replaces it
+            try:
+                data["sweep"] = nest_sweep_keys(data["sweep"])
+            except ValueError as err:
+                raise ConfigError(f"invalid configuration:\n  {err}") from None
     items = overrides.items() if isinstance(overrides, Mapping) else (_split_override(o) for o in overrides)
     for dotted, value in items:
         _set_dotted(data, dotted, value)
