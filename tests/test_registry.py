@@ -106,6 +106,7 @@ _RACER = textwrap.dedent("""
     root, adapter, go, who = sys.argv[1:5]
     registry = Registry(root)
     token = registry.token()
+    Path(go + "." + who).touch()  # ready: the token is read
     while not Path(go).exists():
         time.sleep(0.005)
     try:
@@ -126,7 +127,10 @@ def test_two_processes_promoting_at_once_exactly_one_wins(tmp_path, out_root):
     procs = [subprocess.Popen([sys.executable, str(script), str(out_root), str(adapter), str(go), f"run-{i}"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i, adapter in enumerate(adapters)]
-    time.sleep(1.0)  # both have read the same token ("") and wait
+    deadline = time.monotonic() + 60
+    while not all(Path(f"{go}.run-{i}").exists() for i in range(2)):  # both have read the token ("")
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.01)
     go.touch()
     outputs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
