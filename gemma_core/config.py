@@ -135,7 +135,7 @@ class PromotionConfig(_Section):
     # The champion is mirrored as the Prefect Variable gemma-lora-champion-<registry>, and Prefect
     # Variable names take lowercase letters, digits, '-' and '_' only: a name that could not be
     # mirrored is refused here, not after a training run.
-    registry: str = Field("default", pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64,
+    registry: str = Field("default", pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=100,
                           description="pipeline name: one champion and one history per name "
                           "(lowercase letters, digits, '-', '_')")
     primary_metric: Literal["completion_loss", "rouge_l_f1"] = Field(
