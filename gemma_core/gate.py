@@ -215,7 +215,7 @@ def _column(rows: list[dict], key: str) -> np.ndarray:
 
 def _by_category(rows: list[dict]) -> Iterable[tuple[str, np.ndarray]]:
     names = np.array([str(row["category"]) for row in rows])
-    for name in sorted(set(names)):
+    for name in sorted(set(names.tolist())):
         yield name, np.flatnonzero(names == name)
 
 

@@ -63,6 +63,7 @@ def test_a_clearly_better_challenger_is_promoted():
     assert verdict.reasons[1].startswith("no category got worse")
     assert verdict.intervals["rouge_l_f1"].estimate == pytest.approx(0.05)
     assert not verdict.blocked_categories and [c.category for c in verdict.categories] == CATEGORIES
+    assert all(type(c.category) is str for c in verdict.categories)  # plain values, not numpy's
     assert all(c.n == PER_CATEGORY and c.loss_change < 0 for c in verdict.categories)
 
 
