@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
-from flows.prefect_server import PrefectServer, prefect_cli  # noqa: E402
+from flows.prefect_server import PrefectServer, prefect_cli, stop_by_pid  # noqa: E402
 
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 GPU_TEMPLATES = REPO / "deployments" / "gpu"
@@ -97,17 +97,7 @@ def stop(proc: subprocess.Popen, first_wait: float = 5, grace: float = 15) -> in
         children = psutil.Process(proc.pid).children(recursive=True)
     except psutil.Error:
         children = []
-    for sig, wait in ((signal.SIGTERM, first_wait), (signal.SIGTERM, grace), (signal.SIGKILL, 30)):
-        if proc.poll() is not None:
-            break
-        try:
-            os.kill(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
+    stop_by_pid(proc, ((signal.SIGTERM, first_wait), (signal.SIGTERM, grace), (signal.SIGKILL, 30)))
     for child in children:  # what it started and left behind
         try:
             child.terminate()

@@ -57,6 +57,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_by_pid(proc: subprocess.Popen, steps, group: bool = False) -> int | None:
+    """Send each ``(signal, seconds to wait)`` of ``steps`` in turn to ``proc`` (with ``group``, to its
+    process group) until it exits; returns its exit code (None if it outlived every step)."""
+    for sig, wait in steps:
+        if proc.poll() is not None:
+            break
+        try:
+            (os.killpg if group else os.kill)(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.poll()
+
+
 def prefect_cli() -> list[str]:
     """The `prefect` command of this interpreter's environment."""
     exe = Path(sys.executable).parent / "prefect"
@@ -208,19 +225,7 @@ class PrefectServer:
         proc = self.process
         if proc is None or proc.poll() is not None:
             return None if proc is None else proc.returncode
-        for sig, wait in ((signal.SIGTERM, self._stop_grace), (signal.SIGKILL, 30)):
-            try:
-                if self._own_process_group:
-                    os.killpg(proc.pid, sig)
-                else:
-                    os.kill(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_by_pid(proc, ((signal.SIGTERM, self._stop_grace), (signal.SIGKILL, 30)), group=self._own_process_group)
         deadline = time.monotonic() + 30
         while _port_in_use(self.port) and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -2,8 +2,9 @@
 
 Each checkpoint is a directory ``step-00000012/`` published by one atomic rename, holding
 ``adapter.lora.h5`` (keras-hub's ``save_lora_weights``), ``optimizer.npz`` and ``manifest.json``
-(step, identity of the run, size and sha256 of both files; :mod:`gemma_core.manifest`). A checkpoint whose files do not match their
-checksums is skipped for the previous one, and the log says which and why.
+(step, identity of the run, size and sha256 of both files; :mod:`gemma_core.manifest`). A
+checkpoint whose files do not match their manifest is skipped for the previous one, and the log
+says which file and why.
 
 Shuffling is a pure function of (seed, epoch) and the data position a pure function of the step,
 so the step number is the whole "data position and RNG state" needed to resume exactly.

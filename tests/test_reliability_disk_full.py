@@ -23,6 +23,7 @@ import pytest
 from gemma_core.atomic import DiskFullError
 from gemma_core.config import DataConfig, LoraConfig
 from gemma_core.lora_train import train_lora
+from tests.helpers.train_driver import fill_disk
 
 
 
@@ -72,22 +73,8 @@ def reference(tiny_preset, tmp_path_factory):
 def intact(checkpoint: Path) -> bool:
     """Every file of the checkpoint matches the sha256 its manifest recorded when it was written."""
     manifest = json.loads((checkpoint / "manifest.json").read_text())
-    return manifest["sha256"] and all(hashlib.sha256((checkpoint / name).read_bytes()).hexdigest() == digest
-                                      for name, digest in manifest["sha256"].items())
-
-
-def fill(disk: Path, leave: int = 0) -> Path:
-    """Write zeros until the device is full, then free ``leave`` bytes again; returns the filler file
-    (delete it to free the space)."""
-    filler = disk / "filler.bin"
-    with open(filler, "ab", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError as err:
-            assert err.errno == errno.ENOSPC
-    os.truncate(filler, max(0, filler.stat().st_size - leave))
-    return filler
+    return manifest["files"] and all(hashlib.sha256((checkpoint / name).read_bytes()).hexdigest() == entry["sha256"]
+                                     for name, entry in manifest["files"].items())
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -154,7 +141,7 @@ def test_resume_on_a_full_disk_fails_before_training(small_disk, reference):
     first = reference["train"](out, stop_after_steps=2)
     assert first.steps == 2
     before = snapshot(out)
-    filler = fill(out.parent)
+    filler = fill_disk(out.parent)
     with pytest.raises(DiskFullError) as caught:
         reference["train"](out)
     assert caught.value.errno == errno.ENOSPC
@@ -204,7 +191,7 @@ def test_report_write_on_a_full_disk(small_disk):
     write_report(_report(1), out)
     before = snapshot(out)
     assert set(before) == {"training_curve.png", "report.md", "report.html", "metrics.json"}
-    filler = fill(out.parent.parent)
+    filler = fill_disk(out.parent.parent)
 
     with pytest.raises(DiskFullError) as caught:
         write_report(_report(3), out)  # a different report into the same directory
@@ -223,7 +210,7 @@ def test_data_stage_on_a_full_disk(small_disk):
     root = small_disk(512) / "data"
     kept = format_dolly_to_parquet(DataConfig(seed=1), root)  # an earlier run's output, fits
     before = snapshot(root)
-    filler = fill(root.parent)
+    filler = fill_disk(root.parent)
     with pytest.raises(DiskFullError) as caught:
         format_dolly_to_parquet(DataConfig(seed=2), root)
     assert caught.value.errno == errno.ENOSPC and "/data-" in str(caught.value), str(caught.value)

@@ -57,8 +57,9 @@ def valid_checkpoints(out_dir: Path) -> list[int]:
     for path in sorted((out_dir / "checkpoints").glob("step-*")):
         try:
             manifest = json.loads((path / "manifest.json").read_text())
-            ok = all(hashlib.sha256((path / name).read_bytes()).hexdigest() == digest
-                     for name, digest in manifest["sha256"].items())
+            ok = bool(manifest["files"]) and all(
+                hashlib.sha256((path / name).read_bytes()).hexdigest() == entry["sha256"]
+                for name, entry in manifest["files"].items())
         except (OSError, ValueError, KeyError):
             ok = False
         if ok:

@@ -130,7 +130,9 @@ def install_pause_points() -> None:
     return step_counter
 
 
-def fill_disk(where: Path, leave: int) -> None:
+def fill_disk(where: Path, leave: int = 0) -> Path:
+    """Write zeros into ``where/filler.bin`` until the device is full, then free ``leave`` bytes again;
+    returns the filler file (delete it to free the space)."""
     import errno
 
     filler = where / "filler.bin"
@@ -142,6 +144,7 @@ def fill_disk(where: Path, leave: int) -> None:
             if err.errno != errno.ENOSPC:
                 raise
     os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
 
 
 class _ResumeEvents(logging.Handler):
