@@ -242,7 +242,7 @@ class ExportInputs(NamedTuple):
     what: str  # for people: "the champion (record 3)" or "the last run (<flow run id>)"
     config: dict[str, Any]
     model: "ModelResult"
-    adapter: "TrainOutput"
+    adapter: "AdapterRef"
     result_storage: str | None
 
 
@@ -250,8 +250,7 @@ def export_inputs(cfg: PipelineConfig, run: str | None = None, name: str | None 
     """What ``gemma-lora export`` exports: the champion of registry ``name`` (default), or with
     ``run="latest"`` the last run's tuned adapter. The champion's adapter is the registry's own copy;
     its base model is the last run's resolved model, which must be the one it was tuned on."""
-    from tasks.results import FileRef, ModelResult, TrainOutput
-    from tasks.stages import TRAIN_LORA
+    from tasks.results import AdapterRef, FileRef, ModelResult, TrainOutput
 
     latest = _latest(cfg)
     if latest is None:
@@ -260,7 +259,8 @@ def export_inputs(cfg: PipelineConfig, run: str | None = None, name: str | None 
         model = ModelResult.model_validate(latest["results"]["model"])
         if run == "latest":
             return ExportInputs(f"the last run ({latest.get('flow_run_id')})", latest["config"], model,
-                                TrainOutput.model_validate(latest["results"]["train"]), latest.get("result_storage"))
+                                TrainOutput.model_validate(latest["results"]["train"]).adapter(),
+                                latest.get("result_storage"))
     except (KeyError, TypeError, ValueError) as err:
         raise CommandError(f"{Path(cfg.output.root) / LATEST}: not a pipeline run summary ({err!r:.120}): "
                            "run `gemma-lora run` again to rewrite it") from None
@@ -277,14 +277,7 @@ def export_inputs(cfg: PipelineConfig, run: str | None = None, name: str | None 
             f"{champion.model_hash}), the last run resolved {model.spec} (model hash {model.model_hash}): run "
             f"the pipeline with --set model.spec={champion.model_spec} first, or export the last run with --run latest"
         )
-    adapter = TrainOutput(
-        stage=TRAIN_LORA, fingerprint=f"champion-{champion.name}-{champion.sequence}",
-        files={"adapter": FileRef(path=champion.adapter, sha256=champion.adapter_sha256)},
-        seconds=0.0, peak_rss_mb=0.0, out_dir=str(Path(champion.adapter).parent), steps=0, resumed_from_step=0,
-        final_loss=None, useful_tokens_per_second=None,
-        learning_rate=float((champion.config.get("train") or {}).get("learning_rate") or 0.0),
-        lora=champion.lora or {},
-    )
+    adapter = AdapterRef(file=FileRef(path=champion.adapter, sha256=champion.adapter_sha256), lora=champion.lora)
     return ExportInputs(f"the champion of {champion.name!r} (record {champion.sequence})", latest["config"],
                         model, adapter, latest.get("result_storage"))
 
@@ -326,8 +319,7 @@ def _registry(cfg: PipelineConfig, name: str | None):
     """The registry under the config's output.root; ``--name``, else the config's promotion name, else "default"."""
     from gemma_core.registry import DEFAULT_NAME, Registry
 
-    configured = getattr(getattr(cfg, "promotion", None), "name", None)
-    return Registry(cfg.output.root, name or configured or DEFAULT_NAME)
+    return Registry(cfg.output.root, name or cfg.promotion.registry or DEFAULT_NAME)
 
 
 def _registry_command(cfg: PipelineConfig, args: argparse.Namespace) -> int:

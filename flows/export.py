@@ -9,12 +9,12 @@ from prefect import flow
 
 from flows.stages import start_flow
 from tasks.export import ExportResult, export_model
-from tasks.results import ModelResult, TrainOutput
+from tasks.results import AdapterRef, ModelResult
 
 
 @flow(name="gemma-lora-export")
 def export_flow(
-    config: dict[str, Any], model: ModelResult, adapter: TrainOutput, result_storage: str | None = None
+    config: dict[str, Any], model: ModelResult, adapter: AdapterRef, result_storage: str | None = None
 ) -> ExportResult:
     run = start_flow(config, result_storage)
     return run.stages.run(export_model, model, adapter, run.out_root, backend=run.cfg.backend)

@@ -5,6 +5,8 @@ run of that deployment, and reads its ``train-lora`` task run back."""
 
 from __future__ import annotations
 
+import contextvars
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -38,9 +40,26 @@ class TrainingRunFailed(RuntimeError):
     """The training flow run on a work pool did not complete; the message links to that run."""
 
 
+def train_points(
+    configs: dict[str, dict[str, Any]], data: DataResult, model: ModelResult, result_storage: str, *,
+    stages: StageRunner, deployment: str | None = None,
+) -> dict[str, TrainOutput]:
+    """Train every point of a sweep (stage name -> config): in this process one after another, or as
+    runs of ``deployment`` submitted all at once, so that the pool's concurrency limit spreads them
+    over its GPUs (each thread waits for its own run)."""
+    if not deployment or len(configs) == 1:
+        return {stage: run_training(config, data, model, result_storage, stages=stages, deployment=deployment,
+                                    stage=stage) for stage, config in configs.items()}
+    with ThreadPoolExecutor(max_workers=len(configs)) as pool:
+        futures = {stage: pool.submit(contextvars.copy_context().run, run_training, config, data, model,
+                                      result_storage, stages=stages, deployment=deployment, stage=stage)
+                   for stage, config in configs.items()}
+        return {stage: future.result() for stage, future in futures.items()}
+
+
 def run_training(
     config: dict[str, Any], data: DataResult, model: ModelResult, result_storage: str, *,
-    stages: StageRunner, deployment: str | None = None, poll_interval: float = 2,
+    stages: StageRunner, deployment: str | None = None, stage: str = TRAIN_LORA, poll_interval: float = 2,
 ) -> TrainOutput:
     """Fine-tune in this process (the ``train-lora`` stage of the calling flow), or, with ``deployment``
     ("lora-training/gpu"), as a run of that deployment on its work pool, waiting for it however long
@@ -54,7 +73,7 @@ def run_training(
     if not deployment:
         cfg = validate_config(config)
         return stages.run(train_adapter, cfg.train, cfg.lora, data, model, str(Path(cfg.output.root).resolve()),
-                          backend=cfg.backend)
+                          backend=cfg.backend, stage=stage)
     from prefect.deployments import run_deployment
     from prefect.utilities.urls import url_for
 
@@ -66,7 +85,7 @@ def run_training(
         ended = f"{child.state.name}: {child.state.message}" if child.state is not None else "without a state"
         raise TrainingRunFailed(f"{label} ended {ended}; run the pipeline again to resume from the newest checkpoint")
     output, state_name = _train_stage_of(child.id, label)
-    stages.states[TRAIN_LORA] = state_name
+    stages.states[stage] = state_name
     return output
 
 

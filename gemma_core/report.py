@@ -53,6 +53,7 @@ class Report:
     side_by_side: list[dict[str, Any]]
     manifest: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    extra: tuple["Section", ...] = ()  # drawn after the overall metrics: the gate and the leaderboard
 
 
 def library_versions(names: Iterable[str] = LIBRARIES) -> dict[str, str]:
@@ -94,12 +95,16 @@ def prompt_rows(base_eval: dict[str, Any], tuned_eval: dict[str, Any]) -> list[d
 
 
 def build_report(base_eval: dict[str, Any], tuned_eval: dict[str, Any], training: dict[str, Any],
-                 manifest: dict[str, Any], num_side_by_side: int) -> Report:
+                 manifest: dict[str, Any], num_side_by_side: int, gate: dict[str, Any] | None = None,
+                 leaderboard: list[dict[str, Any]] | None = None) -> Report:
     """Assemble the report from two ``EvalReport.to_dict()`` results, training facts and a manifest.
 
     ``training`` holds at least ``losses`` (one per step); ``manifest`` is rendered as given (model,
-    data, config, versions, stage timings, throughput, peak memory).
+    data, config, versions, stage timings, throughput, peak memory). ``gate`` (the gate's verdict as
+    data) and ``leaderboard`` (one entry per sweep point) add their sections and metrics.json keys.
     """
+    from gemma_core.report_gate import decision_sections
+
     rows = prompt_rows(base_eval, tuned_eval)
     base_cat, tuned_cat = base_eval["per_category"], tuned_eval["per_category"]
     changed = sum(r["base_answer"] != r["tuned_answer"] for r in rows)
@@ -122,6 +127,10 @@ def build_report(base_eval: dict[str, Any], tuned_eval: dict[str, Any], training
         "prompts": rows,
         "manifest": _jsonable(manifest),
     }
+    if gate is not None:
+        metrics["gate"] = _jsonable(gate)
+    if leaderboard is not None:
+        metrics["leaderboard"] = _jsonable(leaderboard)
     notes = []
     if manifest.get("data", {}).get("is_sample"):
         notes.append(
@@ -131,7 +140,8 @@ def build_report(base_eval: dict[str, Any], tuned_eval: dict[str, Any], training
     if not changed and rows:
         notes.append("The tuned model answered every prompt exactly as the base model did.")
     losses = [float(x) for x in training.get("losses", [])]
-    return Report(metrics, losses, rows[:num_side_by_side], _jsonable(manifest), notes)
+    return Report(metrics, losses, rows[:num_side_by_side], _jsonable(manifest), notes,
+                  decision_sections(gate, leaderboard))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +262,7 @@ def intro(report: Report) -> tuple[str, ...]:
 
 
 def sections(report: Report) -> list[Section]:
-    """The report's sections, in REPORT_SECTIONS order, as data."""
+    """The report's sections, in REPORT_SECTIONS order (the gate and leaderboard after the first), as data."""
     m, manifest, losses = report.metrics, report.manifest, report.losses
     overall = tuple(
         (Cell(label), *(Cell(format_metric(m["overall"][key][side])) for side in ("base", "tuned")),
@@ -279,6 +289,7 @@ def sections(report: Report) -> list[Section]:
         manifest_blocks.append(Details("config", json.dumps(manifest["config"], indent=2, sort_keys=True)))
     return [
         Section(REPORT_SECTIONS[0], (Table(("metric", "base", "tuned", "change"), overall, numbers_from=1),)),
+        *report.extra,
         Section(REPORT_SECTIONS[1], (Table(
             ("category", "n", *(f"{label} (base → tuned)" for label, _ in METRICS.values())), per_category, 1),)),
         Section(REPORT_SECTIONS[2], (
@@ -311,8 +322,14 @@ def _free_text(text: str, limit: int = ANSWER_CHARS, ended: bool = True) -> Cell
 
 def render_markdown(report: Report, curve_src: str | None) -> str:
     """The report as Markdown; ``curve_src`` is the training-curve image's URL (a file name or a data: URI)."""
-    blocks = [f"# {TITLE}", _md_text(intro(report)), *(f"> {note}" for note in report.notes)]
-    for section in sections(report):
+    head = [f"# {TITLE}", _md_text(intro(report)), *(f"> {note}" for note in report.notes)]
+    return "\n\n".join(block for block in head if block) + "\n\n" + markdown_sections(sections(report), curve_src)
+
+
+def markdown_sections(drawn: Iterable[Section], curve_src: str | None = None) -> str:
+    """Sections as Markdown (a report's, or a few of them on their own, as the gate's artifact is)."""
+    blocks = []
+    for section in drawn:
         blocks += [f"## {section.title}", *(_md_block(block, curve_src) for block in section.blocks)]
     return "\n\n".join(block for block in blocks if block) + "\n"
 

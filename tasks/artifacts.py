@@ -5,6 +5,7 @@ long stages themselves (:class:`tasks.runtime.Progress`)."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from gemma_core.formatting import format_fixed, truncate
 from tasks.results import ReportResult
@@ -45,3 +46,30 @@ def publish_report(report: ReportResult) -> dict[str, str]:
         "report": str(create_markdown_artifact(markdown, key=REPORT_KEY, description=summary)),
         "prompts": str(create_table_artifact(rows, key=PROMPTS_KEY, description="one row per held-out prompt")),
     }
+
+
+GATE_KEY = "gemma-lora-gate"
+LEADERBOARD_KEY = "gemma-lora-leaderboard"
+
+
+def publish_decision(gate: dict[str, Any] | None, leaderboard: list[dict[str, Any]], outcome: str) -> dict[str, str]:
+    """The gate's verdict as the Markdown artifact gemma-lora-gate (intervals, per-category table, flipped
+    prompts: the report's own section) and, after a sweep, the leaderboard as a table artifact."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from gemma_core.report import markdown_sections
+    from gemma_core.report_gate import gate_section
+
+    ids = {}
+    if gate is not None:
+        page = markdown_sections([gate_section(gate)])
+        ids["gate"] = str(create_markdown_artifact(f"{page}\n\n**Outcome:** {outcome}\n", key=GATE_KEY,
+                                                   description=outcome))
+    if len(leaderboard) > 1:
+        rows = [{"point": p["label"], **{k: p["overall"].get(k) for k in ("completion_loss", "rouge_l_f1", "eos_rate")},
+                 "training s": p.get("train_seconds"), "role": p.get("role", ""),
+                 **{f"loss {c}": v.get("completion_loss") for c, v in sorted(p.get("per_category", {}).items())}}
+                for p in leaderboard]
+        ids["leaderboard"] = str(create_table_artifact(rows, key=LEADERBOARD_KEY,
+                                                       description="every sweep point; the challenger met the gate"))
+    return ids

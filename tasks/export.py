@@ -10,7 +10,7 @@ from prefect import task
 from tasks.caching import input_fingerprint
 from tasks.common import CACHED
 from tasks.model import load_stage_model, release
-from tasks.results import FileRef, ModelResult, StageResult, TrainOutput
+from tasks.results import AdapterRef, FileRef, ModelResult, StageResult
 from tasks.runtime import logger, peak_rss_mb, timed
 from tasks.stages import EXPORT_MODEL
 
@@ -23,7 +23,7 @@ class ExportResult(StageResult):
 
 
 @task(name=EXPORT_MODEL, **CACHED)
-def export_model(model: ModelResult, adapter: TrainOutput, out_root: str, backend: str = "jax") -> ExportResult:
+def export_model(model: ModelResult, adapter: AdapterRef, out_root: str, backend: str = "jax") -> ExportResult:
     from gemma_core.export import export_all
 
     fingerprint = input_fingerprint("export", {"model": model, "adapter": adapter, "backend": backend})

@@ -16,7 +16,7 @@ from prefect import task
 
 from gemma_core.config import EMBEDDED_MODEL, ModelConfig
 from tasks.common import CACHED, transient_error
-from tasks.results import FileRef, ModelResult, TrainOutput
+from tasks.results import AdapterRef, FileRef, ModelResult
 from tasks.runtime import logger, maybe_fail, peak_rss_mb, timed
 from tasks.stages import RESOLVE_MODEL
 
@@ -82,7 +82,7 @@ def _materialize(model: ModelConfig) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_stage_model(model: ModelResult, adapter: TrainOutput | None = None):
+def load_stage_model(model: ModelResult, adapter: AdapterRef | None = None):
     """A fresh CausalLM for ``model`` (:func:`gemma_core.models.load_model`); with ``adapter``, LoRA
     enabled exactly as in training (rank and target layers) and the trained weights loaded."""
     from gemma_core.config import LoraConfig
@@ -92,7 +92,7 @@ def load_stage_model(model: ModelResult, adapter: TrainOutput | None = None):
         loaded = load_model(
             model.preset_dir, model.cache_dir,
             lora=LoraConfig(**adapter.lora) if adapter is not None else None,
-            adapter=adapter.path("adapter") if adapter is not None else None,
+            adapter=adapter.path if adapter is not None else None,
         )
     logger().info("loaded %s%s in %.1f s", model.spec, " with the tuned adapter" if adapter else "", t.seconds)
     return loaded

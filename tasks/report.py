@@ -19,6 +19,7 @@ from gemma_core.report import build_report, curve_data_uri, library_versions, re
 from tasks.caching import input_fingerprint
 from tasks.common import CACHED
 from tasks.evaluate import read_eval
+from tasks.promotion import GateResult, read_gate
 from tasks.results import DataResult, EvalResult, FileRef, ModelResult, ReportResult, TrainOutput
 from tasks.runtime import logger, maybe_fail, peak_rss_mb, timed
 from tasks.stages import RENDER_REPORT
@@ -46,11 +47,15 @@ def render_report(
     config: dict[str, Any],
     num_side_by_side: int,
     out_root: str,
+    gate: GateResult | None = None,
+    leaderboard: list[dict[str, Any]] | None = None,
 ) -> ReportResult:
+    """The comparison of the base and the tuned model (the challenger), with the gate's verdict and,
+    after a sweep, the leaderboard of every point."""
     maybe_fail(RENDER_REPORT)
     fingerprint = input_fingerprint("report", {
         "base": base, "tuned": tuned, "train": train, "data": data, "model": model, "config": config,
-        "num_side_by_side": num_side_by_side,
+        "num_side_by_side": num_side_by_side, "gate": gate, "leaderboard": leaderboard,
     })
     out_dir = Path(out_root) / "reports" / f"report-{fingerprint[:16]}"
     with timed() as t:
@@ -75,7 +80,7 @@ def render_report(
             read_eval(base), read_eval(tuned),
             {"losses": losses, "steps": train.steps, "learning_rate": train.learning_rate,
              "useful_tokens_per_second": train.useful_tokens_per_second, "final_loss": train.final_loss},
-            manifest, num_side_by_side,
+            manifest, num_side_by_side, gate=read_gate(gate) if gate is not None else None, leaderboard=leaderboard,
         )
         paths = write_report(report, out_dir)
         png = paths["training_curve"].read_bytes()

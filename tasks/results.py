@@ -32,6 +32,23 @@ class FileRef(BaseModel):
         return file_problem(self.path, self.sha256)
 
 
+class AdapterRef(BaseModel):
+    """A trained LoRA adapter: its file, and the LoRA config it is loaded with (rank, target layers).
+    What evaluation and export need of a training run, or of the champion (a copy in the registry)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    file: FileRef
+    lora: dict[str, Any]
+
+    def cache_identity(self) -> dict[str, Any]:
+        return {"adapter": self.file.sha256, "lora": self.lora}
+
+    @property
+    def path(self) -> Path:
+        return Path(self.file.path)
+
+
 class StageResult(BaseModel):
     """Base of every stage's result: the files it produced, how long it took, peak memory so far."""
 
@@ -85,7 +102,7 @@ class ModelResult(StageResult):
 
 
 class EvalResult(StageResult):
-    which: str  # "base" or "tuned"
+    adapter_sha256: str | None  # None: the base model
     overall: dict[str, float | None]
     num_prompts: int
 
@@ -98,6 +115,9 @@ class TrainOutput(StageResult):
     useful_tokens_per_second: float | None
     learning_rate: float
     lora: dict[str, Any]  # rank and target layers: the tuned model is rebuilt with exactly these
+
+    def adapter(self) -> AdapterRef:
+        return AdapterRef(file=self.files["adapter"], lora=self.lora)
 
 
 class ReportResult(StageResult):

@@ -8,16 +8,17 @@ RESOLVE_MODEL = "resolve-model"
 EVALUATE_BASE = "evaluate-base"
 TRAIN_LORA = "train-lora"
 EVALUATE_TUNED = "evaluate-tuned"
+EVALUATE_CHAMPION = "evaluate-champion"
+GATE = "gate"
+PROMOTE = "promote"
 RENDER_REPORT = "render-report"
 EXPORT_MODEL = "export-model"
 
-# In the order the pipeline runs them (the export is a flow of its own, after a run).
-PIPELINE_STAGES = (PREPARE_DATA, RESOLVE_MODEL, EVALUATE_BASE, TRAIN_LORA, EVALUATE_TUNED, RENDER_REPORT)
+# In the order the pipeline runs them (the export is a flow of its own, after a run). The champion's
+# evaluation runs only when there is a champion, and the promotion only when the gate passes.
+PIPELINE_STAGES = (PREPARE_DATA, RESOLVE_MODEL, EVALUATE_BASE, TRAIN_LORA, EVALUATE_TUNED, GATE, RENDER_REPORT)
 
 
-def evaluate_stage(which: str) -> str:
-    """The evaluation stage of the ``base`` or the ``tuned`` model."""
-    stages = {"base": EVALUATE_BASE, "tuned": EVALUATE_TUNED}
-    if which not in stages:
-        raise ValueError(f"which={which!r}: the evaluated model is 'base' or 'tuned'")
-    return stages[which]
+def point_stage(stage: str, label: str) -> str:
+    """The stage of one sweep point: ``train-lora[rank=8,lr=0.0005]``; the stage itself without a sweep."""
+    return f"{stage}[{label}]" if label else stage

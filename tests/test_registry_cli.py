@@ -166,13 +166,13 @@ def test_export_picks_the_champion_by_default_and_the_last_run_with_run_latest(r
 
     champion = export_inputs(cfg)
     held = Registry(root).champion()
-    assert champion.adapter.files["adapter"] == FileRef(path=held.adapter, sha256=held.adapter_sha256)
+    assert champion.adapter.file == FileRef(path=held.adapter, sha256=held.adapter_sha256)
     assert champion.adapter.lora == held.lora and "record 1" in champion.what
     assert champion.model.model_hash == held.model_hash and champion.config == last["config"]
 
     latest = export_inputs(cfg, "latest")
-    assert latest.adapter.files["adapter"].sha256 == sha256_bytes(b"newer adapter")
-    assert latest.adapter == TrainOutput.model_validate(last["results"]["train"]) and "run-two" in latest.what
+    assert latest.adapter.file.sha256 == sha256_bytes(b"newer adapter")
+    assert latest.adapter == TrainOutput.model_validate(last["results"]["train"]).adapter() and "run-two" in latest.what
 
     write_latest(root, b"newer adapter", run_id="run-three", model_hash="ffff000011112222")
     with pytest.raises(CommandError, match="model hash a1b2c3d4e5f60718.*ffff000011112222.*--run latest"):
