@@ -151,6 +151,13 @@ class PromotionConfig(_Section):
                                         "held-out loss rises by more than this (nats per token) blocks a promotion")
     category_rouge_margin: float = Field(0.1, ge=0, le=1, allow_inf_nan=False, description="a category "
                                          "whose ROUGE-L falls by more than this blocks a promotion")
+    # A prompt is listed as got worse when its ROUGE-L falls by more than a tenth of the scale (one
+    # prompt's ROUGE-L moves by several hundredths between honest models, as the wording of a greedy
+    # answer changes), or its held-out loss rises by more than 0.1 nats per token (about 10% in perplexity).
+    flip_rouge_drop: float = Field(0.1, ge=0, le=1, allow_inf_nan=False,
+                                   description="a prompt whose ROUGE-L falls by more than this is listed as got worse")
+    flip_loss_rise: float = Field(0.1, ge=0, allow_inf_nan=False, description="a prompt whose held-out loss rises "
+                                  "by more than this (nats per token) is listed as got worse")
     resamples: int = Field(2000, ge=100, le=1_000_000, description="bootstrap resamples of the prompts")
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="level of the improvement's interval")
     seed: int = Field(0, description="seed of the bootstrap")

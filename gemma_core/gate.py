@@ -33,11 +33,6 @@ from gemma_core.config import PromotionConfig
 from gemma_core.formatting import truncate
 
 METRIC_NAMES = {"completion_loss": "held-out loss", "rouge_l_f1": "ROUGE-L"}
-# A prompt is listed as got worse when its ROUGE-L falls by more than this (a tenth of the scale; one
-# prompt's ROUGE-L moves by several hundredths between honest models, as the wording of a greedy answer
-# changes), or when its held-out loss rises by more than this many nats per token (about 10% in perplexity).
-FLIP_ROUGE_DROP = 0.1
-FLIP_LOSS_RISE = 0.1
 INSTRUCTION_CHARS = 120
 _DRAWS_PER_CHUNK = 2_000_000  # prompt indices drawn at once (16 MB), so many prompts do not need much memory
 _SAME_PROMPT = ("category", "instruction", "reference")
@@ -158,7 +153,7 @@ def gate(champion: dict, challenger: dict, cfg: PromotionConfig) -> GateVerdict:
         intervals=intervals,
         margin=cfg.margin,
         categories=categories,
-        flips=tuple(_flips(rows_a, rows_b)),
+        flips=tuple(_flips(rows_a, rows_b, cfg)),
         overall={who: _summary(rows, nll[who], rouge[who], tokens)
                  for who, rows in (("champion", rows_a), ("challenger", rows_b))},
         prompts=n,
@@ -166,7 +161,7 @@ def gate(champion: dict, challenger: dict, cfg: PromotionConfig) -> GateVerdict:
         seed=cfg.seed,
         thresholds={"category_loss_margin": cfg.category_loss_margin,
                     "category_rouge_margin": cfg.category_rouge_margin,
-                    "flip_rouge_drop": FLIP_ROUGE_DROP, "flip_loss_rise": FLIP_LOSS_RISE},
+                    "flip_rouge_drop": cfg.flip_rouge_drop, "flip_loss_rise": cfg.flip_loss_rise},
     )
 
 
@@ -277,15 +272,15 @@ def _primary_sentence(improvement: Improvement, margin: float, passed: bool) -> 
 
 # --- what changed, prompt by prompt -------------------------------------------------------------------
 
-def _flips(rows_a: list[dict], rows_b: list[dict]) -> Iterable[Flip]:
+def _flips(rows_a: list[dict], rows_b: list[dict], cfg: PromotionConfig) -> Iterable[Flip]:
     for i, (a, b) in enumerate(zip(rows_a, rows_b)):
         found = []
         tokens = float(a["response_tokens"])
         if tokens > 0:
             before, after = float(a["nll"]) / tokens, float(b["nll"]) / tokens
-            if after - before > FLIP_LOSS_RISE:
+            if after - before > cfg.flip_loss_rise:
                 found.append(("loss_rose", before, after))
-        if float(a["rouge_l_f1"]) - float(b["rouge_l_f1"]) > FLIP_ROUGE_DROP:
+        if float(a["rouge_l_f1"]) - float(b["rouge_l_f1"]) > cfg.flip_rouge_drop:
             found.append(("rouge_fell", float(a["rouge_l_f1"]), float(b["rouge_l_f1"])))
         ended_a, ended_b = bool(a["ended_with_eos"]), bool(b["ended_with_eos"])
         if ended_a != ended_b:

@@ -11,7 +11,9 @@ import pytest
 
 from gemma_core import gate as gate_module
 from gemma_core.config import ConfigError, PromotionConfig, load_config
-from gemma_core.gate import FLIP_LOSS_RISE, FLIP_ROUGE_DROP, gate
+from gemma_core.gate import gate
+
+FLIP_LOSS_RISE, FLIP_ROUGE_DROP = PromotionConfig().flip_loss_rise, PromotionConfig().flip_rouge_drop
 
 CATEGORIES = ["brainstorming", "classification", "closed_qa", "open_qa"]
 PER_CATEGORY = 5

@@ -16,35 +16,10 @@ from pathlib import Path
 import pytest
 
 from tasks.stages import PIPELINE_STAGES as STAGES
-from tests.helpers.stage_states import stage_states
+from tests.helpers.in_process import run_pipeline
 from tests.helpers.tiny_config import tiny_pipeline_config as tiny_config
 
 ALL_CACHED = dict.fromkeys(STAGES, "Cached")
-
-
-def run_stage_states(flow_run_id) -> dict[str, str]:
-    """Final state of every stage task of a pipeline run (and of its training subflow), from the API."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
-
-    with get_client(sync_client=True) as client:
-        children = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
-        )
-        ids = [flow_run_id, *(c.id for c in children)]
-        return stage_states(client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))))
-
-
-def run_pipeline(cfg, storage, monkeypatch=None, fail_at=None):
-    from flows.pipeline import gemma_lora_pipeline
-
-    if monkeypatch is not None:
-        if fail_at:
-            monkeypatch.setenv("GEMMA_LORA_FAIL_AT", fail_at)
-        else:
-            monkeypatch.delenv("GEMMA_LORA_FAIL_AT", raising=False)
-    state = gemma_lora_pipeline(config=cfg, result_storage=storage, return_state=True)
-    return state, run_stage_states(state.state_details.flow_run_id)
 
 
 def expect(**states):

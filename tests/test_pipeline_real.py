@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-STAGES = ("prepare-data", "resolve-model", "evaluate-base", "train-lora", "evaluate-tuned", "render-report")
+from tasks.stages import PIPELINE_STAGES as STAGES, PROMOTE
 COLD_LIMIT_S = 15 * 60
 CACHED_LIMIT_S = 60
 
@@ -36,8 +36,11 @@ def gemma_lora(tmp_path, *args, timeout):
 def test_default_run_cold_then_all_cached(tmp_path, gemma3_270m_preset):
     out, cold_s = gemma_lora(tmp_path, "run", timeout=COLD_LIMIT_S + 120)
     latest = json.loads((tmp_path / "runs" / "reports" / "latest.json").read_text())
-    assert latest["states"] == dict.fromkeys(STAGES, "Completed")
+    assert latest["states"] == dict.fromkeys((*STAGES, PROMOTE), "Completed")
     assert latest["results"]["model"]["spec"] == "embedded:gemma3-270m"
+    # the default tuned adapter passes the gate over the base model (the first champion) and is promoted
+    assert latest["gate"]["promote"] and latest["promotion"]["promoted"], latest["gate"]
+    print(f"gate: {latest['gate']['reasons']}")
     assert latest["answers_changed"] > 0, "the tuned model should answer visibly differently"
     print(f"\ncold run: {cold_s:.0f} s; stages: {latest['stage_seconds']}")
     assert cold_s < COLD_LIMIT_S
@@ -45,6 +48,8 @@ def test_default_run_cold_then_all_cached(tmp_path, gemma3_270m_preset):
     out, cached_s = gemma_lora(tmp_path, "run", timeout=CACHED_LIMIT_S * 3)
     latest = json.loads((tmp_path / "runs" / "reports" / "latest.json").read_text())
     assert latest["states"] == dict.fromkeys(STAGES, "Cached"), out
+    assert latest["promotion"] == {"promoted": False, "sequence": 1,
+                                   "why": "the challenger already is the champion (record 1)"}
     print(f"cached rerun: {cached_s:.0f} s")
     assert cached_s < CACHED_LIMIT_S
 
