@@ -161,12 +161,23 @@ def _promote_if_allowed(found, gate, train, challenger, model, data, report, con
         try:
             answer = pause_flow_run(wait_for_input=Approval, timeout=timeout, key=APPROVAL_KEY)
         except FlowPauseTimeout:
+            _running_again()
             return Promotion(promoted=False, why=f"no approval within {timeout} s: rejected")
         if not answer.approve:
             return Promotion(promoted=False, why=f"rejected by a person: {answer.comment or 'no comment'}")
         promoted_by = f"approval:{answer.comment}" if answer.comment else "approval"
     return stages.run(promote_challenger, found, gate, train, challenger, model, data, report, config_json,
                       str(flow_run.get_id()), promoted_by=promoted_by)
+
+
+def _running_again() -> None:
+    """After a pause that timed out the run is still Paused: a timeout is a rejection, not a failure,
+    so the run goes on (Running) to publish its verdict and complete."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.get_id(), Running(message="approval timed out: rejected"), force=True)
 
 
 def _write_latest(out_root: str, summary: dict[str, Any]) -> None:

@@ -96,3 +96,11 @@ def test_rollback_restores_the_previous_champion_and_the_next_run_promotes_again
     again, _ = pipeline(tiny_preset, root, promotion__registry="rollback")
     assert again["promotion"]["promoted"] and again["promotion"]["sequence"] == 3
     assert registry.champion().adapter_sha256 == first["results"]["train"]["files"]["adapter"]["sha256"]
+
+
+def test_an_approval_not_given_in_time_is_a_rejection(tiny_preset, root):
+    summary, _ = pipeline(tiny_preset, root, promotion__registry="timeout", promotion__require_approval=True,
+                          promotion__approval_timeout_s=2)
+    assert summary["gate"]["promote"]
+    assert summary["promotion"] == {"promoted": False, "sequence": None, "why": "no approval within 2 s: rejected"}
+    assert Registry(root / "runs", "timeout").champion() is None
