@@ -4,6 +4,7 @@ and the summary of the last pipeline run."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -11,6 +12,14 @@ from flows.env import RESULT_STORAGE_ENV
 
 RESULTS_DIRNAME = "prefect-results"
 LATEST = Path("reports") / "latest.json"  # under output.root: the last pipeline run, for `gemma-lora report`
+
+
+def read_latest(output_root: str | Path) -> dict | None:
+    """The last pipeline run's summary under ``output_root``; None when there is none or it is unreadable."""
+    try:
+        return json.loads((Path(output_root) / LATEST).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def result_storage_location(url: str | None, out_root: str | Path) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gemma_core import gguf_convert, preset_cache
+from gemma_core import preset_cache
 from gemma_core.config import EMBEDDED_MODEL
 from gemma_core.gguf_convert import ConversionError
 from gemma_core.manifest import read_manifest, sha256_file

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import CommandError, export_inputs, main
+from flows.cli import main
+from flows.cli_champion import CommandError, export_inputs
 from flows.storage import LATEST
 from gemma_core.config import load_config
 from gemma_core.manifest import sha256_bytes
