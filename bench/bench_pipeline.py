@@ -4,7 +4,9 @@ Each run is the README's `gemma-lora run` in a fresh process, timed from outside
 start, imports, the embedded Prefect server, every stage). The cold run starts from empty
 directories: output root, Prefect home and, unless ``--warm-model``, the model cache (so it
 converts the GGUF and compiles every XLA program, as a new user's first run does). The rerun reuses
-all of them and must finish with every stage Cached. Target (issue 7): rerun <= 5% of cold.
+all of them and must finish with every stage Cached. Target (issue 7): rerun <= 5% of cold. The
+cold run's outcome (metrics, the gate's verdict over the base model, the promotion) is kept in the
+results file too.
 
 The rerun is also split into phases, so its few seconds can be attributed: interpreter plus
 imports (``import flows.pipeline``, timed in its own process), and the CLI's own wall time.
@@ -66,6 +68,10 @@ def main() -> None:
         print("cold run ...", flush=True)
         cold = timed(cmd, env, work, work / "cold.log")
         cold_states = states(work / "cold.log")
+        latest = json.loads((work / "runs" / "reports" / "latest.json").read_text())
+        gate = json.loads((Path(latest["report_dir"]) / "metrics.json").read_text()).get("gate", {})
+        outcome = {"base": latest["base"], "tuned": latest["tuned"], "promotion": latest["promotion"],
+                   "gate": {k: gate.get(k) for k in ("promote", "reasons", "intervals", "categories", "flips")}}
         reruns = []
         for i in range(args.reruns):
             print(f"rerun {i + 1} ...", flush=True)
@@ -88,8 +94,9 @@ def main() -> None:
     args.results.write_text(json.dumps({
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg()},
         "warm_model": args.warm_model, "cold_s": cold, "cold_states": cold_states, "reruns_s": reruns,
-        "rerun_s": rerun, "rerun_share": rerun / cold, "imports_s": imports,
+        "rerun_s": rerun, "rerun_share": rerun / cold, "imports_s": imports, "cold_outcome": outcome,
     }, indent=1))
+    print(f"\ncold run's gate: {'; '.join(outcome['gate']['reasons'] or [])}; promotion: {outcome['promotion']}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ def gemma_lora_pipeline(
     """
     run = start_flow(config, result_storage)
     cfg, out_root, stages = run.cfg, run.out_root, run.stages
+    points = sweep_points(cfg)  # a sweep that cannot be expanded fails here, before any work
     config_json = cfg.model_dump(mode="json")
     gen, ev, seq_len = cfg.generation, cfg.evaluation, cfg.train.sequence_length
 
@@ -77,7 +78,6 @@ def gemma_lora_pipeline(
     model = stages.run(resolve_model_preset, cfg.model, spec_fingerprint(cfg.model.spec))
     base = evaluation(EVALUATE_BASE)
 
-    points = sweep_points(cfg)
     labels = [point.label if len(points) > 1 else "" for point in points]
     trained = train_points({point_stage(TRAIN_LORA, label): point.config.model_dump(mode="json")
                             for label, point in zip(labels, points)},
@@ -87,23 +87,12 @@ def gemma_lora_pipeline(
     best = _best(tuned, cfg.promotion.primary_metric)
     challenger, challenger_train = tuned[best], list(trained.values())[best]
 
-    found = read_champion(out_root, cfg.promotion.registry)
-    champion_model = (found.champion or {}).get("model_hash", model.model_hash)
-    if champion_model != model.model_hash:
-        raise ValueError(
-            f"the champion of registry {cfg.promotion.registry!r} was tuned on another base model ({champion_model}, "
-            f"this run's is {model.model_hash}): use another promotion.registry for a new base model")
+    found = read_champion(out_root, cfg.promotion.registry, model.model_hash)
     opponent = found.opponent(challenger.adapter_sha256)
     champion = base if opponent is None else evaluation(EVALUATE_CHAMPION, opponent)
     gate = stages.run(gate_challenger, champion, challenger, cfg.promotion, out_root)
 
-    leaderboard = [
-        {**point.to_dict(), "label": point.label, "metric": cfg.promotion.primary_metric,
-         "overall": result.overall, "per_category": read_eval(result)["per_category"],
-         "train_seconds": train.seconds, "adapter_sha256": train.files["adapter"].sha256,
-         "role": ("challenger: " + ("passed the gate" if gate.promote else "did not pass the gate")) if i == best else ""}
-        for i, (point, train, result) in enumerate(zip(points, trained.values(), tuned))
-    ]
+    leaderboard = _leaderboard(points, list(trained.values()), tuned, best, gate.promote, cfg.promotion.primary_metric)
     report = stages.run(render_report, base, challenger, challenger_train, data, model, config_json,
                         ev.num_side_by_side, out_root, gate=gate, leaderboard=leaderboard if len(points) > 1 else None)
     artifacts = publish_report(report)
@@ -137,6 +126,17 @@ def gemma_lora_pipeline(
                    finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     _write_latest(out_root, summary)
     return summary
+
+
+def _leaderboard(points, trained, tuned, best: int, promote: bool, metric: str) -> list[dict[str, Any]]:
+    """Every sweep point: its overrides, metrics overall and per category, training time, role."""
+    role = "challenger: " + ("passed the gate" if promote else "did not pass the gate")
+    return [
+        {**point.to_dict(), "metric": metric, "overall": result.overall,
+         "per_category": read_eval(result)["per_category"], "train_seconds": train.seconds,
+         "adapter_sha256": train.files["adapter"].sha256, "role": role if i == best else ""}
+        for i, (point, train, result) in enumerate(zip(points, trained, tuned))
+    ]
 
 
 def _best(evaluations, metric: str) -> int:

@@ -74,13 +74,19 @@ class Promotion(BaseModel):
     why: str
 
 
-def read_champion(out_root: str, registry: str) -> ChampionState:
-    """The champion now: read anew by every run, never cached (another run may have promoted meanwhile)."""
+def read_champion(out_root: str, registry: str, model_hash: str) -> ChampionState:
+    """The champion now: read anew by every run, never cached (another run may have promoted meanwhile).
+    A champion tuned on another base model than ``model_hash`` cannot be compared: that is an error."""
     from gemma_core.registry import Registry
 
     reg = Registry(out_root, registry)
     token = reg.token()
     champion = reg.champion()
+    if champion is not None and champion.model_hash != model_hash:
+        raise ValueError(
+            f"the champion of registry {registry!r} was tuned on another base model ({champion.model_spec}, "
+            f"model hash {champion.model_hash}; this run's is {model_hash}): set promotion.registry to a new "
+            "name for a new base model")
     previous = reg.record(champion.rollback_to) if champion is not None and champion.rollback_to else None
     adapter = _adapter_of(champion)
     who = "the base model" if adapter is None else f"record {champion.sequence} (adapter {adapter.file.sha256[:12]})"

@@ -7,12 +7,14 @@ parameters are the server's, and an invalid parameter is refused when the run is
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 import yaml
 
 from deployments import setup_local
 from tasks.stages import PIPELINE_STAGES as STAGES
+from tests.helpers.stack import tiny_parameters
 
 pytest_plugins = ["tests.helpers.stack"]  # the session's one stack: the `stack` and `two_runs` fixtures
 
@@ -66,8 +68,12 @@ def test_a_second_training_waits_for_the_gpu_slot(stack, two_runs):
 
 @pytest.mark.slow
 def test_unchanged_rerun_is_all_cached_within_a_minute(stack, two_runs, tiny_preset):
+    """The run that finished last met the champion that is still in place (or the one it replaced, if
+    it won): rerun unchanged, it meets the very same gate. (Rerunning the other run would gate it
+    against the newer champion, which is new work, as it should be.)"""
     pipeline = two_runs["pipeline"]
-    response = stack.run_from_ui(pipeline["id"], two_runs["runs"][0]["parameters"])
+    last = max(two_runs["runs"], key=lambda r: r["end_time"])
+    response = stack.run_from_ui(pipeline["id"], last["parameters"])
     assert response.status_code == 201, response.text
     (run,) = stack.wait_final(response.json()["id"])
     assert run["state"]["type"] == "COMPLETED", stack.describe()
@@ -115,3 +121,32 @@ def test_an_invalid_parameter_is_refused_when_the_run_is_created(stack):
         assert response.status_code == 409, response.text
         assert f"'{field}'" in response.json()["detail"]
     assert count() == before
+
+
+@pytest.mark.slow
+def test_both_runs_promotions_land_in_one_history(stack, two_runs):
+    """The two runs trained one after the other on the gpu pool and then gated: the first against the
+    base model, the second against whatever was champion when it got there (compare-and-swap)."""
+    from gemma_core.registry import Registry
+
+    history = Registry(stack.root / "runs", "default").history()
+    run_ids = [run["id"] for run in two_runs["runs"]]
+    assert history and all(record.run_id in run_ids and record.promoted_by == "gate" for record in history)
+    assert [record.sequence for record in history] == list(range(1, len(history) + 1))
+
+
+@pytest.mark.slow
+def test_a_sweep_trains_every_point_as_a_run_of_the_training_deployment(stack, two_runs, tiny_preset):
+    pipeline = two_runs["pipeline"]
+    parameters = tiny_parameters(tiny_preset, stack.root, 1e-3)
+    parameters["config"]["sweep"] = {"train": {"learning_rate": [1e-3, 2e-3]}}  # both trained before: Cached
+    response = stack.run_from_ui(pipeline["id"], parameters)
+    assert response.status_code == 201, response.text
+    (run,) = stack.wait_final(response.json()["id"])
+    assert run["state"]["type"] == "COMPLETED", f"{run['state']['message']}\n{stack.describe()}"
+    children = stack.children(run["id"])
+    assert sorted(c["parameters"]["config"]["train"]["learning_rate"] for c in children) == [1e-3, 2e-3]
+    assert all(c["work_pool_name"] == setup_local.GPU_POOL and c["state"]["type"] == "COMPLETED" for c in children)
+    board = stack.post("/artifacts/filter", {"artifacts": {"key": {"any_": ["gemma-lora-leaderboard"]}},
+                                             "flow_runs": {"id": {"any_": [run["id"]]}}})
+    assert board and len(json.loads(board[0]["data"])) == 2

@@ -11,6 +11,9 @@ import json
 from pathlib import Path
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.variables import Variable
 
 from gemma_core.registry import Registry
 from tests.helpers.in_process import run_pipeline
@@ -40,6 +43,11 @@ def test_first_run_promotes_over_the_base_model_and_a_rerun_promotes_nothing(tin
     assert champion.adapter_sha256 == first["results"]["train"]["files"]["adapter"]["sha256"]
     assert champion.promoted_by == "gate" and champion.run_id == first["flow_run_id"]
     assert Path(champion.adapter).is_file() and "registry" in champion.adapter  # the registry's own copy
+    mirrored = Variable.get("gemma-lora-champion-first")  # what a deployment or another flow reads
+    assert mirrored["sequence"] == 1 and mirrored["adapter_sha256"] == champion.adapter_sha256
+    with get_client(sync_client=True) as client:
+        log = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["gemma-lora-champion-first"])))
+    assert log and "record 1" in log[0].data  # the keyed artifact's history is the promotion log
 
     again, states = pipeline(tiny_preset, root, promotion__registry="first")
     assert set(states.values()) == {"Cached"}, states  # the gate too: it meets the same opponent again
@@ -104,3 +112,25 @@ def test_an_approval_not_given_in_time_is_a_rejection(tiny_preset, root):
     assert summary["gate"]["promote"]
     assert summary["promotion"] == {"promoted": False, "sequence": None, "why": "no approval within 2 s: rejected"}
     assert Registry(root / "runs", "timeout").champion() is None
+
+
+def test_a_promotion_whose_champion_changed_meanwhile_is_refused_with_the_reason(tiny_preset, root):
+    """Two runs gated against the same champion: the second to promote finds the token moved."""
+    from tasks.promotion import GateResult, promote_challenger, read_champion
+    from tasks.results import DataResult, EvalResult, ModelResult, ReportResult, TrainOutput
+
+    summary, _ = pipeline(tiny_preset, root, promotion__registry="race")
+    found = read_champion(str(root / "runs"), "race", summary["results"]["model"]["model_hash"])
+    stale = found.model_copy(update={"token": ""})  # as a run that read the champion before the promotion
+    results = summary["results"]
+    promotion = promote_challenger.fn(
+        stale, GateResult(stage="gate", fingerprint="f", files={}, seconds=0, peak_rss_mb=0, promote=True,
+                          reasons=["better"], champion_adapter_sha256=None, challenger_adapter_sha256="x"),
+        TrainOutput.model_validate(results["train"]),
+        EvalResult(stage="evaluate-tuned", fingerprint="f", files={}, seconds=0, peak_rss_mb=0, adapter_sha256="x",
+                   overall=summary["tuned"], num_prompts=4),
+        ModelResult.model_validate(results["model"]), DataResult.model_validate(results["data"]),
+        ReportResult.model_validate(results["report"]), summary["config"], "another-run",
+    )
+    assert not promotion.promoted and "the champion changed while this run was gating" in promotion.why
+    assert len(Registry(root / "runs", "race").history()) == 1

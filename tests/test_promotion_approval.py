@@ -14,17 +14,9 @@ import pytest
 
 from gemma_core.registry import Registry
 from helpers import procs
-from helpers.prefect_server import isolated_server
+from helpers.prefect_server import server  # noqa: F401  (the module's server fixture)
 
 RUN_TIMEOUT = 600
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    work = tmp_path_factory.mktemp("prefect-server")
-    srv = isolated_server(work / "home", work / "prefect-server.log").start()
-    yield srv
-    srv.stop()
 
 
 def api(server, method: str, path: str, body: dict | None = None):

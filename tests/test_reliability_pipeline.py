@@ -25,20 +25,12 @@ import pytest
 
 from helpers import procs
 from flows.prefect_server import PrefectServer
-from helpers.prefect_server import isolated_server
+from helpers.prefect_server import server  # noqa: F401  (the module's server fixture)
 
 pytestmark = pytest.mark.slow
 
 STAGES = procs.STAGES
 RUN_TIMEOUT = 900
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    work = tmp_path_factory.mktemp("prefect-server")
-    srv = isolated_server(work / "home", work / "prefect-server.log").start()
-    yield srv
-    srv.stop()
 
 
 def cli_env(server: PrefectServer, home: Path, **extra: str) -> dict[str, str]:

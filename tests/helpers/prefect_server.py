@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from flows.prefect_server import PrefectServer
 
 
@@ -15,3 +17,12 @@ def isolated_server(home: Path, log_path: Path, port: int | None = None, *, ui: 
     """Not started yet: call ``.start()`` (and ``.stop()``, also to restart it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     return PrefectServer.full(home, log_path, port, ui=ui, env=env)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> PrefectServer:
+    """One isolated server per test module that uses it (``from helpers.prefect_server import server``)."""
+    work = tmp_path_factory.mktemp("prefect-server")
+    srv = isolated_server(work / "home", work / "prefect-server.log").start()
+    yield srv
+    srv.stop()
