@@ -46,7 +46,7 @@ DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00 UTC
 PIPELINE_DEPLOYMENT = "gemma-lora-pipeline/cpu"
 TRAINING_DEPLOYMENT = "lora-training/gpu"
 DEFAULT_PORT = 4200
-# Workers poll every 10 s by default; 2 s makes a run pressed in the UI start in about 6 s.
+# Workers poll every 10 s by default; 2 s makes a run pressed in the UI start within seconds.
 WORKER_QUERY_SECONDS = "2"
 # Environment values {{ $VAR }} in prefect.yaml, and who provides them.
 DEPLOY_ENV = ("GEMMA_LORA_RETRAIN_CRON",)  # read by `prefect deploy`
