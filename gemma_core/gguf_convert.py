@@ -17,10 +17,10 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-import gguf
 import numpy as np
-import safetensors.numpy
-from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+# gguf, safetensors and sentencepiece are imported where they are used: every command imports
+# gemma_core (through the model cache), and only a conversion needs them.
 
 # Not stored in a Gemma 3 GGUF; llama.cpp, transformers and keras-hub all hard-code these values.
 LOCAL_ROPE_BASE = 10_000.0
@@ -113,6 +113,8 @@ def dequantized_weights(reader: Any, num_layers: int) -> Iterator[tuple[str, np.
     permute Gemma's Q/K rows, so only the RMSNorm weights change: llama.cpp stored ``w + 1``.
     Every GGUF tensor must be used exactly once; a leftover or a missing one is an error.
     """
+    import gguf
+
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, num_layers)
     by_name = {t.name: t for t in reader.tensors}
     for hf_name in _hf_weight_names(num_layers):
@@ -136,6 +138,8 @@ def sentencepiece_proto_from_gguf(reader: Any) -> bytes:
     them with ``▁``), and ~6,249 tokens are marked CONTROL, which SentencePiece never matches in text,
     so all but pad/eos/bos/mask become user-defined (as ``<start_of_turn>`` is in Gemma's own tokenizer).
     """
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
     model_type = _field(reader, "tokenizer.ggml.model")
     if model_type != "llama":
         raise ConversionError(f"tokenizer.ggml.model is {model_type!r}; expected 'llama' (SentencePiece)")
@@ -180,6 +184,9 @@ def sentencepiece_proto_from_gguf(reader: Any) -> bytes:
 
 def write_hf_folder(gguf_path: Path, folder: Path) -> dict[str, Any]:
     """Write config.json, model.safetensors and tokenizer.model for ``gguf_path`` into ``folder``."""
+    import gguf
+    import safetensors.numpy
+
     reader = gguf.GGUFReader(str(gguf_path))
     config = hf_config_from_gguf(reader)
     folder.mkdir(parents=True, exist_ok=True)
