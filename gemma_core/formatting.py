@@ -1,4 +1,5 @@
-"""The one place that shortens text and writes numbers for people (report, artifacts, CLI summary).
+"""The one place that shortens text and writes numbers for people (report, artifacts, CLI summary),
+and that makes values strict JSON (metrics.json, the gate's verdict).
 
 >>> truncate("a long answer", 6)
 'a long …'
@@ -9,6 +10,9 @@
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 
 def truncate(text: object, limit: int) -> str:
@@ -31,3 +35,28 @@ def format_metric(value: float | None) -> str:
 def format_fixed(value: float | None) -> str:
     """A number with exactly three decimals (lines up in a column), "n/a" for None."""
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def finite_or_none(value: Any) -> float | None:
+    """``value`` as a float, or None when it is not a finite number (None, text, NaN, inf)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def json_safe(value: Any) -> Any:
+    """Strict JSON: NaN/inf become None, numpy scalars Python numbers, anything else JSON has no type
+    for (paths) a string."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float):
+        return finite_or_none(value)
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if hasattr(value, "item"):  # numpy scalars
+        return json_safe(value.item())
+    return str(value)

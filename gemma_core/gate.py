@@ -30,7 +30,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from gemma_core.config import PromotionConfig
-from gemma_core.formatting import truncate
+from gemma_core.formatting import json_safe, truncate
 
 METRIC_NAMES = {"completion_loss": "held-out loss", "rouge_l_f1": "ROUGE-L"}
 INSTRUCTION_CHARS = 120
@@ -103,7 +103,7 @@ class GateVerdict:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe (no NaN: a value that cannot be computed is None)."""
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
 
 def gate(champion: dict, challenger: dict, cfg: PromotionConfig) -> GateVerdict:
@@ -292,17 +292,3 @@ def _flips(rows_a: list[dict], rows_b: list[dict], cfg: PromotionConfig) -> Iter
 def _summary(rows: list[dict], nll: np.ndarray, rouge: np.ndarray, tokens: np.ndarray) -> dict[str, float]:
     return {"completion_loss": float(nll.sum() / tokens.sum()), "rouge_l_f1": float(rouge.mean()),
             "eos_rate": float(np.mean([bool(r["ended_with_eos"]) for r in rows]))}
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
 from gemma_core.atomic import atomic_write_bytes, atomic_write_text
-from gemma_core.formatting import format_metric, truncate
+from gemma_core.formatting import finite_or_none, format_metric, json_safe, truncate
 
 # metric key -> (label, which direction is better: +1 higher, -1 lower, 0 neither)
 METRICS: dict[str, tuple[str, int]] = {
@@ -70,7 +70,7 @@ def compare(base: dict[str, float], tuned: dict[str, float]) -> dict[str, dict[s
     """Per metric: base, tuned and the change (tuned - base)."""
     out = {}
     for key in METRICS:
-        b, t = _num(base.get(key)), _num(tuned.get(key))
+        b, t = finite_or_none(base.get(key)), finite_or_none(tuned.get(key))
         out[key] = {"base": b, "tuned": t, "change": None if b is None or t is None else t - b}
     return out
 
@@ -118,19 +118,19 @@ def build_report(base_eval: dict[str, Any], tuned_eval: dict[str, Any], training
         "answers_changed": changed,
         "num_prompts": len(rows),
         "generation": {
-            "base_seconds": _num(base_eval.get("generation_seconds")),
-            "tuned_seconds": _num(tuned_eval.get("generation_seconds")),
-            "base_new_tokens_per_second": _num(base_eval.get("new_tokens_per_second")),
-            "tuned_new_tokens_per_second": _num(tuned_eval.get("new_tokens_per_second")),
+            "base_seconds": finite_or_none(base_eval.get("generation_seconds")),
+            "tuned_seconds": finite_or_none(tuned_eval.get("generation_seconds")),
+            "base_new_tokens_per_second": finite_or_none(base_eval.get("new_tokens_per_second")),
+            "tuned_new_tokens_per_second": finite_or_none(tuned_eval.get("new_tokens_per_second")),
         },
-        "training": {k: _jsonable(v) for k, v in training.items()},
+        "training": {k: json_safe(v) for k, v in training.items()},
         "prompts": rows,
-        "manifest": _jsonable(manifest),
+        "manifest": json_safe(manifest),
     }
     if gate is not None:
-        metrics["gate"] = _jsonable(gate)
+        metrics["gate"] = json_safe(gate)
     if leaderboard is not None:
-        metrics["leaderboard"] = _jsonable(leaderboard)
+        metrics["leaderboard"] = json_safe(leaderboard)
     notes = []
     if manifest.get("data", {}).get("is_sample"):
         notes.append(
@@ -140,7 +140,7 @@ def build_report(base_eval: dict[str, Any], tuned_eval: dict[str, Any], training
     if not changed and rows:
         notes.append("The tuned model answered every prompt exactly as the base model did.")
     losses = [float(x) for x in training.get("losses", [])]
-    return Report(metrics, losses, rows[:num_side_by_side], _jsonable(manifest), notes,
+    return Report(metrics, losses, rows[:num_side_by_side], json_safe(manifest), notes,
                   decision_sections(gate, leaderboard))
 
 
@@ -437,29 +437,6 @@ def curve_data_uri(png: bytes) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Values
-
-
-def _num(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):  # None, text
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _jsonable(value: Any) -> Any:
-    """NaN/inf become None and anything else JSON has no type for (paths) a string: metrics.json is strict JSON."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float):
-        return _num(value)
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    if hasattr(value, "item"):  # numpy scalars
-        return _jsonable(value.item())
-    return str(value)
 
 
 def _fmt_value(value: Any) -> str:
