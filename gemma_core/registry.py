@@ -127,6 +127,11 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _token_of(pointer: tuple[str, dict[str, Any]] | None) -> str:
+    """The CAS token of a champion pointer: its sha256, "" while nothing is promoted."""
+    return "" if pointer is None or not pointer[1]["sequence"] else pointer[0]
+
+
 def _write_checked(path: Path, body: dict[str, Any]) -> str:
     """Write ``{"sha256", "body"}`` atomically; returns the sha256."""
     digest = sha256_bytes(canonical_json(body).encode("utf-8"))
@@ -161,8 +166,7 @@ class Registry:
 
     def token(self) -> str:
         """The compare-and-swap token: the sha256 recorded in champion.json ("" before any promotion)."""
-        pointer = self._pointer()
-        return "" if pointer is None or not pointer[1]["sequence"] else pointer[0]
+        return _token_of(self._pointer())
 
     def history(self) -> list[Champion]:
         """Records 1..champion, oldest first (each record verified; adapter copies are not)."""
@@ -387,7 +391,7 @@ class Registry:
 
     def _check_token(self, expected_token: str, what: str) -> tuple[str, dict[str, Any]] | None:
         pointer = self._pointer()
-        actual = "" if pointer is None or not pointer[1]["sequence"] else pointer[0]
+        actual = _token_of(pointer)
         if actual != expected_token:
             current = self._current_record(pointer)
             who = ("the base model" if current is None else
