@@ -99,7 +99,7 @@ def gemma_lora_pipeline(
 
     summary = {
         "flow_run_id": str(flow_run.get_id()),
-        "states": stages.states,
+        "states": stages.states,  # the live record: the promotion's state joins it below
         "stage_seconds": {r.stage: r.seconds for r in (data, model, base, *trained.values(), *tuned, report)},
         "report_dir": report.report_dir,
         "answers_changed": report.answers_changed,
@@ -122,7 +122,7 @@ def gemma_lora_pipeline(
                                     summary, require_approval=cfg.promotion.require_approval,
                                     timeout=cfg.promotion.approval_timeout_s, stages=stages, out_root=out_root)
     artifacts.update(publish_decision(read_gate(gate), leaderboard, promotion.why))
-    summary.update(promotion=promotion.model_dump(mode="json"), artifacts=artifacts, states=stages.states,
+    summary.update(promotion=promotion.model_dump(mode="json"), artifacts=artifacts,
                    finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     _write_latest(out_root, summary)
     return summary

@@ -24,8 +24,7 @@ from gemma_core.config import PromotionConfig
 from tasks.caching import input_fingerprint
 from tasks.common import CACHED
 from tasks.evaluate import read_eval
-from tasks.results import AdapterRef, DataResult, EvalResult, FileRef, ModelResult, ReportResult, StageResult
-from tasks.results import TrainOutput
+from tasks.results import AdapterRef, DataResult, EvalResult, FileRef, ModelResult, ReportResult, StageResult, TrainOutput
 from tasks.runtime import logger, maybe_fail, peak_rss_mb, timed
 from tasks.stages import GATE, PROMOTE
 
