@@ -1,9 +1,16 @@
-"""The instruction template shared by training, generation and evaluation.
+"""The prompt formats shared by training, generation, evaluation and chat.
 
-It is the Keras Gemma LoRA tutorial's template, plus a ``Context:`` section for rows that carry one
-(the tutorial drops those rows, which loses most closed_qa, information_extraction and
-summarization examples). Prompt and response stay separate strings so that training can put the
-loss on the response tokens only.
+Two formats (``data.prompt_format``):
+
+* ``instruction``: the Keras Gemma LoRA tutorial's template, plus a ``Context:`` section for rows
+  that carry one (the tutorial drops those rows, which loses most closed_qa,
+  information_extraction and summarization examples). The response is the bare answer; the model
+  learns to stop with ``<eos>`` (the preprocessor appends it).
+* ``gemma_chat``: Gemma 3's own turns. The Dolly context goes inside the user turn and the response
+  ends with ``<end_of_turn>``, so a tuned instruct model keeps ending its chat turns.
+
+Prompt and response stay separate strings so that training can put the loss on the response tokens
+only (for ``gemma_chat`` that includes the closing ``<end_of_turn>``).
 
 >>> print(format_prompt("Name a primary colour.", ""), end="")
 Instruction:
@@ -12,20 +19,73 @@ Name a primary colour.
 Response:
 >>> format_prompt("Who wrote it?", "It was written by Ann.").splitlines()[3]
 'Context:'
+>>> format_prompt("Name a primary colour.", prompt_format="gemma_chat")
+'<start_of_turn>user\\nName a primary colour.<end_of_turn>\\n<start_of_turn>model\\n'
+>>> format_response("Red.", "gemma_chat")
+'Red.<end_of_turn>'
+>>> chat_prompt([("user", "Hi"), ("model", "Hello."), ("user", "Bye")]).count(START_OF_TURN)
+4
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+
+PROMPT_FORMATS = ("instruction", "gemma_chat")
+START_OF_TURN = "<start_of_turn>"
+END_OF_TURN = "<end_of_turn>"
+CHAT_ROLES = ("user", "model")
 
 _CITATION = re.compile(r"\s?\[\d+\]")
 
 
-def format_prompt(instruction: str, context: str = "") -> str:
+def check_prompt_format(prompt_format: str) -> str:
+    """Return ``prompt_format`` if it is a known format; otherwise fail naming the choices and the fix."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(
+            f"unknown prompt format {prompt_format!r}; choose one of {', '.join(PROMPT_FORMATS)} "
+            f"(--set data.prompt_format=gemma_chat)"
+        )
+    return prompt_format
+
+
+def chat_prompt(turns: Sequence[tuple[str, str]]) -> str:
+    """Render earlier ``(role, text)`` turns as Gemma 3 turns, ending where the model's answer starts.
+
+    Roles are ``user`` and ``model``. The single-turn ``gemma_chat`` prompt is this function applied
+    to one user turn, so training, evaluation and the chat loop share one rendering.
+
+    >>> chat_prompt([("user", "Hi")])
+    '<start_of_turn>user\\nHi<end_of_turn>\\n<start_of_turn>model\\n'
+    """
+    rendered = []
+    for role, text in turns:
+        if role not in CHAT_ROLES:
+            raise ValueError(f"unknown chat role {role!r}; a turn's role is one of {', '.join(CHAT_ROLES)}")
+        rendered.append(f"{START_OF_TURN}{role}\n{text}{END_OF_TURN}\n")
+    return "".join(rendered) + f"{START_OF_TURN}model\n"
+
+
+def format_prompt(instruction: str, context: str = "", prompt_format: str = "instruction") -> str:
     """Everything the model sees before its answer, ending right where the response starts."""
+    if check_prompt_format(prompt_format) == "gemma_chat":
+        user_text = f"{instruction}\n\n{context}" if context else instruction
+        return chat_prompt([("user", user_text)])
     if context:
         return f"Instruction:\n{instruction}\n\nContext:\n{context}\n\nResponse:\n"
     return f"Instruction:\n{instruction}\n\nResponse:\n"
+
+
+def format_response(response: str, prompt_format: str) -> str:
+    """The training target after the prompt: the answer, closed by ``<end_of_turn>`` in the chat format.
+
+    >>> format_response("Red.", "instruction")
+    'Red.'
+    """
+    if check_prompt_format(prompt_format) == "gemma_chat":
+        return f"{response}{END_OF_TURN}"
+    return response
 
 
 def strip_citations(text: str) -> str:
