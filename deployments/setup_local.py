@@ -8,9 +8,13 @@
    --gpu-pool-type, from the base job templates in deployments/gpu/) with a concurrency limit of 1,
    so one training runs per GPU and further ones queue;
 3. applies deployments/prefect.yaml (`prefect deploy --all`): the pipeline on `cpu` with the weekly
-   schedule (--cron, UTC), the training flow on `gpu`;
-4. starts one process worker per process pool, and keeps running until Ctrl-C, then stops every
-   process it started.
+   schedule (--cron, UTC) and a trigger on new data, the training flow on `gpu`, the data watch on `cpu`;
+4. installs the automations of deployments/automations.py: a run whose heartbeats stop is marked
+   Crashed (freeing its pool's slot), a crashed run is resumed at most recovery.max_resumes times;
+5. starts one process worker per process pool (every flow run sends heartbeats), restarts a worker
+   that dies (with a back-off), and keeps running until Ctrl-C, then stops every process it started.
+
+The recovery.* settings (gemma_core/config.py) are given as ``--set recovery.max_resumes=3``.
 
 Nothing is built or pushed: flow runs take the code from this checkout (GEMMA_LORA_CHECKOUT in the
 process pools' job template). The functions are also what the tests' deployment stack
@@ -34,7 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
+from deployments import automations  # noqa: E402
 from flows.prefect_server import PrefectServer, prefect_cli, stop_by_pid  # noqa: E402
+from gemma_core.config import ConfigError, RecoveryConfig, load_config  # noqa: E402
 
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 GPU_TEMPLATES = REPO / "deployments" / "gpu"
@@ -45,11 +51,13 @@ GPU_CONCURRENCY = 1  # trainings at once on the gpu pool: one per GPU
 DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00 UTC
 PIPELINE_DEPLOYMENT = "gemma-lora-pipeline/cpu"
 TRAINING_DEPLOYMENT = "lora-training/gpu"
+WATCH_DEPLOYMENT = "gemma-lora-watch-data/cpu"
 DEFAULT_PORT = 4200
 # Workers poll every 10 s by default; 2 s makes a run pressed in the UI start within seconds.
 WORKER_QUERY_SECONDS = "2"
 # Environment values {{ $VAR }} in prefect.yaml, and who provides them.
-DEPLOY_ENV = ("GEMMA_LORA_RETRAIN_CRON",)  # read by `prefect deploy`
+DEPLOY_ENV = ("GEMMA_LORA_RETRAIN_CRON", "GEMMA_LORA_WATCH_SECONDS", "GEMMA_LORA_DEBOUNCE_SECONDS")  # `prefect deploy`
+HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 RUN_ENV = ("GEMMA_LORA_CHECKOUT",)  # read where each flow run starts (its pull step)
 
 GPU_BASE_JOB_TEMPLATES = {
@@ -58,13 +66,16 @@ GPU_BASE_JOB_TEMPLATES = {
 }
 
 
-def base_env(api_url: str | None = None, **extra: str) -> dict[str, str]:
-    """This process's environment with the project's Prefect defaults, pointed at ``api_url``."""
+def base_env(api_url: str | None = None, recovery: RecoveryConfig | None = None, **extra: str) -> dict[str, str]:
+    """This process's environment with the project's Prefect defaults, pointed at ``api_url``; flow
+    runs started with it send a heartbeat every ``recovery.heartbeat_s`` seconds."""
     from flows.env import apply_defaults
 
     env = dict(os.environ)
     if api_url:
         env["PREFECT_API_URL"] = api_url
+    if recovery is not None:
+        env[HEARTBEAT_ENV] = str(recovery.heartbeat_s)
     env.update(extra)
     apply_defaults(env)
     return env
@@ -107,6 +118,59 @@ def stop(proc: subprocess.Popen, first_wait: float = 5, grace: float = 15) -> in
         except psutil.Error:
             pass
     return proc.poll()
+
+
+class WorkerSupervisor:
+    """A process worker per pool, each started again when it dies (a lost worker would leave its
+    pool without anyone to run its flow runs). Restarts back off 1, 2, 4 ... up to ``max_backoff_s``
+    seconds while a worker keeps dying soon after it starts; one that ran ``healthy_after_s`` resets
+    the back-off. Call :meth:`check` periodically (setup_local's main loop does, every second)."""
+
+    def __init__(self, pools: Iterable[str], env: dict[str, str], logs: Path, *, names: dict[str, str] | None = None,
+                 max_backoff_s: float = 60, healthy_after_s: float = 300, say=print):
+        self.pools, self.env, self.logs, self.say = list(pools), env, logs, say
+        self.names = names or {}
+        self.max_backoff_s, self.healthy_after_s = max_backoff_s, healthy_after_s
+        self.workers: dict[str, subprocess.Popen] = {}
+        self.started_at: dict[str, float] = {}
+        self.failures: dict[str, int] = {pool: 0 for pool in self.pools}
+        self.restart_at: dict[str, float] = {}
+        self.restarts: list[tuple[str, int, int | None]] = []  # (pool, old pid, exit code)
+
+    def log_path(self, pool: str) -> Path:
+        return self.logs / f"worker-{pool}.log"
+
+    def start(self) -> "WorkerSupervisor":
+        for pool in self.pools:
+            self._spawn(pool)
+        return self
+
+    def _spawn(self, pool: str) -> None:
+        self.workers[pool] = start_worker(pool, self.env, self.log_path(pool), name=self.names.get(pool))
+        self.started_at[pool] = time.monotonic()
+
+    def check(self) -> None:
+        """Start again every worker that died, once its back-off has passed."""
+        now = time.monotonic()
+        for pool, proc in list(self.workers.items()):
+            if proc.poll() is None:
+                if now - self.started_at[pool] >= self.healthy_after_s:
+                    self.failures[pool] = 0
+                continue
+            if pool not in self.restart_at:
+                self.failures[pool] += 1
+                delay = min(self.max_backoff_s, 2.0 ** (self.failures[pool] - 1))
+                self.restart_at[pool] = now + delay
+                self.restarts.append((pool, proc.pid, proc.returncode))
+                self.say(f"the {pool} worker (pid {proc.pid}) exited with {proc.returncode}; starting a new one "
+                         f"in {delay:.0f} s (log {self.log_path(pool)})")
+            if now >= self.restart_at[pool]:
+                del self.restart_at[pool]
+                self._spawn(pool)
+                self.say(f"the {pool} worker runs again (pid {self.workers[pool].pid})")
+
+    def stop(self) -> None:
+        stop_all(reversed(list(self.workers.values())))
 
 
 def stop_all(procs: Iterable[subprocess.Popen]) -> None:
@@ -169,11 +233,14 @@ def create_pools(api_url: str, checkout: Path = REPO, gpu_pool_type: str = "proc
 
 
 def apply_deployments(api_url: str, cron: str = DEFAULT_CRON, env: dict[str, str] | None = None,
-                      timeout: float = 300) -> str:
+                      timeout: float = 300, recovery: RecoveryConfig | None = None) -> str:
     """`prefect deploy --all` of deployments/prefect.yaml from the repository root; returns its output."""
+    recovery = recovery or RecoveryConfig()
     env = dict(env if env is not None else base_env(api_url))
     env["PREFECT_API_URL"] = api_url
     env["GEMMA_LORA_RETRAIN_CRON"] = cron
+    env["GEMMA_LORA_WATCH_SECONDS"] = str(recovery.watch_every_s)
+    env["GEMMA_LORA_DEBOUNCE_SECONDS"] = str(recovery.debounce_s)
     for var in RUN_ENV:  # set here, `prefect deploy` would bake this machine's value into the pull step
         env.pop(var, None)
     done = subprocess.run(
@@ -200,7 +267,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu-concurrency", type=int, default=GPU_CONCURRENCY,
                         help="trainings at once on the gpu pool (one per GPU)")
     parser.add_argument("--no-workers", action="store_true", help="set up pools and deployments only")
-    return parser.parse_args(argv)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="recovery.FIELD=VALUE",
+                        help="a recovery setting (heartbeat_s, crashed_after_s, max_resumes, resume_wait_s, "
+                             "watch_every_s, debounce_s; see gemma_core/config.py RecoveryConfig)")
+    args = parser.parse_args(argv)
+    if any(not o.startswith("recovery.") for o in args.overrides):
+        parser.error(f"--set takes recovery.* settings here, not {[o for o in args.overrides if not o.startswith('recovery.')]}")
+    try:
+        args.recovery = load_config(overrides=args.overrides).recovery
+    except ConfigError as err:
+        parser.error(str(err))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = REPO / ".prefect" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     server: PrefectServer | None = None  # started here when no API is given; stopped last
-    workers: list[subprocess.Popen] = []  # stopped in reverse order, before the server
+    supervisor: WorkerSupervisor | None = None  # the workers: stopped before the server
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt
@@ -228,19 +305,24 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"setup_local: {err}", file=sys.stderr)
                 return 1
             print(f"  healthy after {seconds:.0f} s")
-        env = base_env(api_url, GEMMA_LORA_CHECKOUT=str(REPO))
+        recovery = args.recovery
+        env = base_env(api_url, recovery, GEMMA_LORA_CHECKOUT=str(REPO))
         pools = create_pools(api_url, REPO, args.gpu_pool_type, args.gpu_concurrency)
         print(f"work pools: {', '.join(f'{p.name} ({p.type}, concurrency {p.concurrency_limit})' for p in pools.values())}")
-        apply_deployments(api_url, args.cron, env)
-        print(f"deployments: {PIPELINE_DEPLOYMENT} (schedule {args.cron!r} UTC), {TRAINING_DEPLOYMENT}")
+        apply_deployments(api_url, args.cron, env, recovery=recovery)
+        print(f"deployments: {PIPELINE_DEPLOYMENT} (schedule {args.cron!r} UTC; a run on new data, debounced "
+              f"{recovery.debounce_s} s), {TRAINING_DEPLOYMENT}, {WATCH_DEPLOYMENT} (every {recovery.watch_every_s} s)")
+        automations.install(api_url, recovery)
+        print(f"automations: a run silent for {recovery.crashed_after_s} s is marked Crashed (heartbeats every "
+              f"{recovery.heartbeat_s} s); a crashed run is resumed at most {recovery.max_resumes} times")
         if args.no_workers:
             if server is not None:
                 print("--no-workers: the server started here stops now; use --api-url with a server of your own")
             return 0
         worker_pools = [CPU_POOL] + ([GPU_POOL] if args.gpu_pool_type == "process" else [])
-        for pool in worker_pools:
-            workers.append(start_worker(pool, env, logs / f"worker-{pool}.log"))
-        print(f"workers: {', '.join(worker_pools)} (logs in {logs})")
+        supervisor = WorkerSupervisor(worker_pools, env, logs, say=lambda line: print(line, file=sys.stderr, flush=True))
+        supervisor.start()
+        print(f"workers: {', '.join(worker_pools)} (logs in {logs}; a worker that dies is started again)")
         if args.gpu_pool_type != "process":
             print(f"  start the gpu pool's worker on the GPU machine: prefect worker start --pool {GPU_POOL} "
                   f"--type {args.gpu_pool_type}  (pip install prefect-{args.gpu_pool_type} there)")
@@ -249,20 +331,22 @@ def main(argv: list[str] | None = None) -> int:
               f"  PREFECT_API_URL={api_url} .venv/bin/prefect deployment run {PIPELINE_DEPLOYMENT}\n"
               "Ctrl-C stops the workers" + (" and the server." if server is not None else "."))
         while True:
-            for proc in [*([server.process] if server is not None else []), *workers]:
-                if proc.poll() is not None:
-                    print(f"pid {proc.pid} ({' '.join(map(str, proc.args[1:4]))}) exited with {proc.returncode}",
-                          file=sys.stderr)
-                    return 1
+            if server is not None and server.process.poll() is not None:
+                print(f"the Prefect server (pid {server.process.pid}) exited with {server.process.returncode}; "
+                      f"see {server.log_path}", file=sys.stderr)
+                return 1
+            supervisor.check()
             time.sleep(1)
     except KeyboardInterrupt:
         return 0
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not leave processes behind
             signal.signal(sig, signal.SIG_IGN)
+        workers = list(supervisor.workers.values()) if supervisor is not None else []
         if workers or server is not None:
             print(f"stopping {len(workers) + (server is not None)} processes ...", flush=True)
-        stop_all(reversed(workers))
+        if supervisor is not None:
+            supervisor.stop()
         if server is not None:
             try:
                 server.stop()

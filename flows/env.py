@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from gemma_core.config import RecoveryConfig
+
 RESULT_STORAGE_ENV = "GEMMA_LORA_RESULT_STORAGE"
 
 DEFAULTS = {
@@ -19,6 +21,9 @@ DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     # gemma_core logs (conversion, training resume, dropped rows) show in the flow run's logs too.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "gemma_core",
+    # Every flow run sends a heartbeat this often (recovery.heartbeat_s), so that the automation
+    # 'crashed-when-silent' (deployments/automations.py) can tell a dead run from a long one.
+    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(RecoveryConfig.model_fields["heartbeat_s"].default),
 }
 
 

@@ -79,14 +79,48 @@ def run_training(
 
     parameters = {"config": config, "data": data.model_dump(mode="json"), "model": model.model_dump(mode="json"),
                   "result_storage": result_storage}
-    child = run_deployment(deployment, parameters=parameters, timeout=None, poll_interval=poll_interval)
+    child = run_deployment(deployment, parameters=parameters, timeout=0)
     label = f"training run {child.name!r} of deployment {deployment!r} ({url_for(child) or f'flow run {child.id}'})"
+    resume_wait_s = validate_config(config).recovery.resume_wait_s
+    child = wait_through_crashes(child.id, label, poll_interval, resume_wait_s)
     if child.state is None or not child.state.is_completed():
         ended = f"{child.state.name}: {child.state.message}" if child.state is not None else "without a state"
         raise TrainingRunFailed(f"{label} ended {ended}; run the pipeline again to resume from the newest checkpoint")
     output, state_name = _train_stage_of(child.id, label)
     stages.states[stage] = state_name
     return output
+
+
+def wait_through_crashes(flow_run_id: UUID, label: str, poll_interval: float, resume_wait_s: float):
+    """The flow run once it ends, however long it queues for its pool's slot. A `Crashed` run is not
+    the end while it may be resumed: the automation 'resume-crashed' (deployments/automations.py)
+    schedules the same run again within seconds, so wait up to ``resume_wait_s`` for that; a run it
+    will not resume again is set `Failed` by 'stop-resuming', which ends the wait at once."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.logging import get_run_logger
+
+    crashed_since: float | None = None
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            state = run.state
+            if state is not None and state.is_crashed():
+                if crashed_since is None:
+                    crashed_since = time.monotonic()
+                    get_run_logger().warning("%s crashed (%s); waiting up to %g s for it to be resumed",
+                                             label, state.message, resume_wait_s)
+                if time.monotonic() - crashed_since >= resume_wait_s:
+                    state.message = (f"{state.message} Not resumed within recovery.resume_wait_s={resume_wait_s:g} s: "
+                                     "is the 'resume-crashed' automation installed (deployments/setup_local.py)?")
+                    return run
+            elif state is not None and state.is_final():
+                return run
+            elif crashed_since is not None:
+                get_run_logger().info("%s was resumed (%s)", label, state.name if state else "no state")
+                crashed_since = None
+            time.sleep(poll_interval)
 
 
 def _train_stage_of(flow_run_id: UUID, label: str) -> tuple[TrainOutput, str]:

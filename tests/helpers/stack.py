@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from deployments import setup_local
+from deployments import automations, setup_local
 from flows.prefect_server import PrefectServer
+from gemma_core.config import RecoveryConfig
 from tests.helpers.prefect_server import isolated_server
 from tests.helpers.stage_states import stage_states
 from tests.helpers.tiny_config import tiny_pipeline_config
@@ -37,10 +37,11 @@ def final(run: dict) -> bool:
 class Stack:
     """A Prefect server, the pools and deployments, and a process worker per pool."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, recovery: RecoveryConfig | None = None):
         self.root = root
+        self.recovery = recovery  # given: heartbeats at its period and the project's automations installed
         self.server: PrefectServer | None = None
-        self.workers: list[subprocess.Popen] = []
+        self.supervisor: setup_local.WorkerSupervisor | None = None  # the workers, restarted when they die
         self.logs: dict[str, Path] = {}
         self.api = ""
         self.timings: dict[str, float] = {}
@@ -61,15 +62,20 @@ class Stack:
         for package in ("gemma_core", "tasks", "flows"):
             shutil.copytree(REPO / package, checkout / package, ignore=shutil.ignore_patterns("__pycache__"))
         setup_local.create_pools(self.api, checkout)
-        env = setup_local.base_env(self.api, GEMMA_LORA_CHECKOUT=str(checkout), PYTHONPATH=str(checkout),
+        env = setup_local.base_env(self.api, self.recovery, GEMMA_LORA_CHECKOUT=str(checkout), PYTHONPATH=str(checkout),
                                    PREFECT_HOME=str(self.root / "client-home"), PREFECT_WORKER_QUERY_SECONDS="2")
         for var in ("GEMMA_LORA_RESULT_STORAGE", "GEMMA_LORA_FAIL_AT", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"):
             env.pop(var, None)
-        setup_local.apply_deployments(self.api, self.cron, env)
+        setup_local.apply_deployments(self.api, self.cron, env, recovery=self.recovery)
+        if self.recovery is not None:
+            automations.install(self.api, self.recovery)
         self.timings["pools and deployments"] = time.monotonic() - t
-        for pool in (setup_local.CPU_POOL, setup_local.GPU_POOL):
-            self.logs[f"worker-{pool}"] = self.root / f"worker-{pool}.log"
-            self.workers.append(setup_local.start_worker(pool, env, self.logs[f"worker-{pool}"], name=f"{pool}-worker"))
+        pools = (setup_local.CPU_POOL, setup_local.GPU_POOL)
+        self.supervisor = setup_local.WorkerSupervisor(pools, env, self.root, names={p: f"{p}-worker" for p in pools},
+                                                       max_backoff_s=2, say=print)
+        self.supervisor.start()
+        for pool in pools:
+            self.logs[f"worker-{pool}"] = self.supervisor.log_path(pool)
         self.timings["set-up"] = time.monotonic() - started
         return self
 
@@ -79,8 +85,9 @@ class Stack:
             return
         self.closed = True
         t = time.monotonic()
-        setup_local.stop_all(reversed(self.workers))
-        procs = list(self.workers)
+        procs = list(self.supervisor.workers.values()) if self.supervisor is not None else []
+        if self.supervisor is not None:
+            self.supervisor.stop()
         if self.server is not None and self.server.process is not None:
             procs.append(self.server.process)
             try:
