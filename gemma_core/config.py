@@ -165,6 +165,32 @@ class PromotionConfig(_Section):
     approval_timeout_s: int = Field(3600, ge=1, description="an approval not given within this is a rejection")
 
 
+class RecoveryConfig(_Section):
+    """How deployed runs heal after a crash and react to new data: the automations, the trigger and the
+    watch-data schedule that deployments/setup_local.py installs (deployments/automations.py), and how
+    long a pipeline waits for its crashed training run to be resumed."""
+
+    heartbeat_s: int = Field(60, ge=30, description="seconds between a flow run's heartbeats "
+                             "(PREFECT_FLOWS_HEARTBEAT_FREQUENCY; Prefect's minimum is 30)")
+    crashed_after_s: int = Field(200, ge=90, description="a run with no heartbeat for this long is marked Crashed "
+                                 "(cover about three heartbeats, so that one late heartbeat is no crash)")
+    max_resumes: int = Field(2, ge=0, le=20, description="a crashed run of the deployments is started again at "
+                             "most this many times (0: never), resuming from its newest checkpoint")
+    resume_wait_s: int = Field(180, ge=0, description="how long a pipeline waits for its crashed training run to "
+                               "be resumed by the automation before it fails")
+    watch_every_s: int = Field(300, ge=10, description="how often the watch-data deployment fingerprints the data")
+    debounce_s: int = Field(600, ge=0, description="after a data change starts a pipeline run, further changes "
+                            "within this window start no other run")
+
+    @model_validator(mode="after")
+    def _window_covers_heartbeats(self) -> "RecoveryConfig":
+        if self.crashed_after_s < 2 * self.heartbeat_s + 30:
+            raise ValueError(f"crashed_after_s={self.crashed_after_s} must cover at least two heartbeats of "
+                             f"heartbeat_s={self.heartbeat_s} plus 30 s (about three is best: "
+                             f"{3 * self.heartbeat_s + 20}), or a healthy run is marked Crashed")
+        return self
+
+
 SWEEP_SECTIONS: dict[str, type[_Section]] = {"train": TrainConfig, "lora": LoraConfig}
 
 
@@ -265,6 +291,7 @@ class PipelineConfig(_Section):
     output: OutputConfig = OutputConfig()
     sweep: SweepConfig = SweepConfig()
     promotion: PromotionConfig = PromotionConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none named), for cache keys and metadata."""
