@@ -2,17 +2,29 @@
 
 Everything is written to a temporary sibling, flushed to disk, then renamed over the target;
 ``os.replace`` is atomic on POSIX within one file system.
+
+A temporary sibling is hidden and names its writer: ``.{target}.{host}-{pid}.{random}.tmp``. A writer
+killed mid-write (SIGKILL, OOM) leaves it behind; :func:`remove_leftovers`, called by the next run of
+that stage, removes those whose writer is gone and never one that a live process is writing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+import psutil
+
+log = logging.getLogger(__name__)
 
 
 # The device or the user's quota is full: the write cannot succeed until space is freed.
@@ -74,7 +86,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _naming_full_disk(target):
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=TEMP_SUFFIX, dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -109,7 +121,7 @@ def atomic_directory(target: str | os.PathLike, replace: bool = False) -> Iterat
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _naming_full_disk(target):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=TEMP_SUFFIX, dir=target.parent))
     try:
         with _naming_full_disk(target):
             yield tmp
@@ -117,7 +129,7 @@ def atomic_directory(target: str | os.PathLike, replace: bool = False) -> Iterat
                 if path.is_file():
                     _fsync_path(path)
             if replace and target.exists():
-                old = target.with_name(f".{target.name}.{os.getpid()}.old")
+                old = target.with_name(f"{_temp_prefix(target)}{secrets.token_hex(4)}{TEMP_SUFFIX}")
                 os.rename(target, old)
                 os.rename(tmp, target)
                 shutil.rmtree(old, ignore_errors=True)
@@ -149,3 +161,86 @@ def _fsync_path(path: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+# --- temporary names, and the leftovers of killed writers ------------------------------------------------
+
+TEMP_SUFFIX = ".tmp"
+# Host names can hold '-' and '.': kept to [A-Za-z0-9_] so that '-' only separates host and pid.
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+# .{target}.{host}-{pid}.{random}.tmp (random: tempfile's or token_hex's characters, no '.')
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+# A live writer touches its temp entry after it started; allow for clock granularity (seconds).
+_CLOCK_SLACK_S = 2.0
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.{_HOST}-{os.getpid()}."
+
+
+def _writer_alive(host: str, pid: int, modified: float) -> bool:
+    """Whether the process that named itself ``host-pid`` may still be writing an entry last modified at
+    ``modified``. A process of another host cannot be checked from here: it counts as alive. A pid
+    that exists again but started after the entry was last modified is a new process (pid reuse): the
+    writer is gone."""
+    if host != _HOST:
+        return True
+    if pid == os.getpid():
+        return True  # this process: another thread may be writing it right now
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # e.g. access denied: it exists, and we cannot tell more
+        return True
+    return started <= modified + _CLOCK_SLACK_S
+
+
+def remove_leftovers(directory: str | os.PathLike, *, any_writer: bool = False) -> list[Path]:
+    """Remove the temporary files and directories that killed writers left below ``directory`` (its
+    subdirectories too, not inside a temporary directory); returns what was removed, each logged.
+
+    Only entries named like this module's temporaries count, and only those whose writer (the host
+    and pid in the name) no longer runs on this host. ``any_writer=True`` removes every temporary,
+    whoever wrote it, and also those of the older unnamed form ``.{target}.{random}.tmp``: only for
+    a caller that holds the lock every writer of ``directory`` holds (the training lock), so no live
+    writer can be in there.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp()); (d / ".x.json.otherhost-1.abc.tmp").touch()
+    >>> remove_leftovers(d), [p.name for p in remove_leftovers(d, any_writer=True)]
+    ([], ['.x.json.otherhost-1.abc.tmp'])
+    """
+    root = Path(directory)
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for current, dirnames, filenames in os.walk(root):
+        here = Path(current)
+        for name in [*dirnames, *filenames]:
+            if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+                continue
+            path = here / name
+            if not any_writer:
+                named = _TEMP_NAME.match(name)
+                try:
+                    modified = path.lstat().st_mtime
+                except FileNotFoundError:
+                    continue  # renamed into place or removed meanwhile by its writer
+                if named is None or _writer_alive(named["host"], int(named["pid"]), modified):
+                    continue
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as err:  # a sweep never fails the stage that asked for it
+                log.warning("could not remove %s, left by a killed writer: %s", path, err)
+                continue
+            log.info("removed %s, left by a killed writer", path)
+            removed.append(path)
+        # never walk into a temporary directory (removed above, or a live writer's)
+        dirnames[:] = [d for d in dirnames if not (d.startswith(".") and d.endswith(TEMP_SUFFIX))]
+    return removed

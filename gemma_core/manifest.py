@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from gemma_core.atomic import atomic_write_text
+from gemma_core.redact import redact
 
 MANIFEST_FILE = "manifest.json"
 
@@ -82,12 +83,13 @@ def write_manifest(
     name: str = MANIFEST_FILE,
 ) -> dict[str, Any]:
     """Record ``info`` and the size and sha256 of ``files`` (default: every file below ``directory``
-    but the manifest and lock files) in ``directory/name``; returns the manifest."""
+    but the manifest and lock files) in ``directory/name``; returns the manifest. Credentials inside
+    URLs in ``info`` (a data source, a model spec) are redacted (:mod:`gemma_core.redact`)."""
     directory = Path(directory)
     if files is None:
         files = [str(p.relative_to(directory)) for p in sorted(directory.rglob("*"))
                  if p.is_file() and p.name != name and not p.name.endswith(".lock")]
-    manifest = {**(info or {}), "files": {f: file_entry(directory / f) for f in sorted(files)}}
+    manifest = {**redact(info or {}), "files": {f: file_entry(directory / f) for f in sorted(files)}}
     atomic_write_text(directory / name, json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 

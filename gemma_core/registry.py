@@ -46,8 +46,9 @@ from typing import Any
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from gemma_core.atomic import atomic_path, atomic_write_text
+from gemma_core.atomic import atomic_path, atomic_write_text, remove_leftovers
 from gemma_core.manifest import sha256_bytes, sha256_file
+from gemma_core.redact import redact
 
 REGISTRY_DIRNAME = "registry"  # under output.root
 CHAMPION_FILE = "champion.json"
@@ -133,7 +134,9 @@ def _token_of(pointer: tuple[str, dict[str, Any]] | None) -> str:
 
 
 def _write_checked(path: Path, body: dict[str, Any]) -> str:
-    """Write ``{"sha256", "body"}`` atomically; returns the sha256."""
+    """Write ``{"sha256", "body"}`` atomically, credentials in URLs redacted (a record's config holds
+    every config value); returns the sha256 of what was written."""
+    body = redact(body)
     digest = sha256_bytes(canonical_json(body).encode("utf-8"))
     atomic_write_text(path, json.dumps({"sha256": digest, "body": body}, indent=1, sort_keys=True) + "\n")
     return digest
@@ -290,6 +293,8 @@ class Registry:
         except Timeout:
             raise RegistryError(f"{lock.lock_file}: another process has held the registry lock for over "
                                 f"{LOCK_TIMEOUT_S:.0f} s; wait for its promotion to finish and retry") from None
+        # Every write into the registry happens under this lock: a temporary file here is a killed writer's.
+        remove_leftovers(self.dir, any_writer=True)
         return lock
 
     def promote(
