@@ -151,10 +151,12 @@ class PrefectServer:
 
     @classmethod
     def full(cls, home: Path, log_path: Path, port: int | None = None, *, ui: bool = True,
-             env: Mapping[str, str] | None = None) -> "PrefectServer":
+             env: Mapping[str, str] | None = None, database_url: str | None = None) -> "PrefectServer":
         """`prefect server start` on 127.0.0.1:``port`` (default: a free one) with PREFECT_HOME ``home``
         and its output appended to ``log_path``; not started yet (see start). ``env`` is the
-        environment it starts from (default this process's), less a Prefect client's settings."""
+        environment it starts from (default this process's), less a Prefect client's settings.
+        ``database_url`` (``postgresql+asyncpg://...``, see flows/postgres_server.py) replaces the
+        SQLite database under ``home``."""
         port = port or free_port()
         base = os.environ if env is None else env
         server_env = {k: v for k, v in base.items() if k not in CLIENT_SETTINGS}
@@ -162,9 +164,16 @@ class PrefectServer:
                           PREFECT_UI_API_URL=f"http://{HOST}:{port}/api")
         if not ui:
             server_env["PREFECT_UI_ENABLED"] = "false"
+        if database_url:
+            server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
         command = [*prefect_cli(), "server", "start", "--host", HOST, "--port", str(port)]
         return cls(command, server_env, port, Path(home), name=f"Prefect server on {HOST}:{port}", ui=ui,
                    log_path=log_path)
+
+    @property
+    def database(self) -> str:
+        """Where its database is: the PostgreSQL URL it was given, else the SQLite file under ``home``."""
+        return self.env.get("PREFECT_SERVER_DATABASE_CONNECTION_URL") or f"{self.home}/prefect.db"
 
     # --- start, wait, stop ------------------------------------------------------------------------
 
@@ -205,7 +214,7 @@ class PrefectServer:
         except (RuntimeError, TimeoutError) as err:
             self.stop()
             seen = "see its output above" if self.log_path is None else f"see its log {self.log_path}"
-            message = (f"the {self.name} did not start ({err}); {seen} (its database is {self.home}/prefect.db), "
+            message = (f"the {self.name} did not start ({err}); {seen} (its database is {self.database}), "
                        "run again, or set PREFECT_API_URL to a running server")
             tail = self.log_text()[-LOG_TAIL_CHARS:]
             if tail:

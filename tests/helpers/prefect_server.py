@@ -13,10 +13,12 @@ import pytest
 from flows.prefect_server import PrefectServer
 
 
-def isolated_server(home: Path, log_path: Path, port: int | None = None, *, ui: bool = False) -> PrefectServer:
-    """Not started yet: call ``.start()`` (and ``.stop()``, also to restart it)."""
+def isolated_server(home: Path, log_path: Path, port: int | None = None, *, ui: bool = False,
+                    database_url: str | None = None) -> PrefectServer:
+    """Not started yet: call ``.start()`` (and ``.stop()``, also to restart it). ``database_url``: a
+    PostgreSQL database (flows/postgres_server.py) instead of SQLite under ``home``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    return PrefectServer.full(home, log_path, port, ui=ui, env=env)
+    return PrefectServer.full(home, log_path, port, ui=ui, env=env, database_url=database_url)
 
 
 @pytest.fixture(scope="module")
