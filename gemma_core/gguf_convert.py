@@ -29,6 +29,7 @@ SLIDING_WINDOW_PATTERN = 6  # every 6th layer attends globally, the other 5 use 
 # including <start_of_turn>, which the original tokenizer matches. Only these stay CONTROL.
 CONTROL_TOKENS = ("<pad>", "<eos>", "<bos>", "<mask>")
 UNKNOWN_TOKEN = "<unk>"
+RMS_NORM_OFFSET = 1.0  # llama.cpp stores each Gemma RMSNorm scale w as w + 1
 
 # GGUF token_type values (llama.cpp's llama_token_type).
 _GGUF_NORMAL, _GGUF_UNKNOWN, _GGUF_CONTROL, _GGUF_USER_DEFINED, _GGUF_UNUSED, _GGUF_BYTE = 1, 2, 3, 4, 5, 6
@@ -106,6 +107,27 @@ def _hf_weight_names(num_layers: int) -> list[str]:
     return names
 
 
+def hf_to_gguf_tensor_names(num_layers: int) -> dict[str, str]:
+    """Every Gemma 3 text weight: Hugging Face name (``model.layers.0.self_attn.q_proj.weight``) to its
+    llama.cpp GGUF name (``blk.0.attn_q.weight``), from gguf's own tensor map.
+
+    The one table both directions use: this converter (GGUF to Keras) and :mod:`gemma_core.gguf_export`.
+    The output head is tied to ``token_embd`` and has no tensor of its own.
+
+    >>> hf_to_gguf_tensor_names(1)["model.layers.0.pre_feedforward_layernorm.weight"]
+    'blk.0.ffn_norm.weight'
+    """
+    import gguf
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, num_layers)
+    return {f"{hf}.weight": f"{name_map.get_name(hf)}.weight" for hf in _hf_weight_names(num_layers)}
+
+
+def is_rms_norm(hf_name: str) -> bool:
+    """RMSNorm scales, which llama.cpp stores as ``w + RMS_NORM_OFFSET`` (Gemma multiplies by ``1 + w``)."""
+    return hf_name.removesuffix(".weight").endswith("norm")
+
+
 def dequantized_weights(reader: Any, num_layers: int) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(hf_name, float32 array)`` for every GGUF tensor, in Hugging Face layout.
 
@@ -115,18 +137,16 @@ def dequantized_weights(reader: Any, num_layers: int) -> Iterator[tuple[str, np.
     """
     import gguf
 
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, num_layers)
     by_name = {t.name: t for t in reader.tensors}
-    for hf_name in _hf_weight_names(num_layers):
-        gguf_name = f"{name_map.get_name(hf_name)}.weight"
+    for hf_name, gguf_name in hf_to_gguf_tensor_names(num_layers).items():
         tensor = by_name.pop(gguf_name, None)
         if tensor is None:
-            raise ConversionError(f"GGUF has no tensor {gguf_name!r} (for {hf_name}.weight)")
+            raise ConversionError(f"GGUF has no tensor {gguf_name!r} (for {hf_name})")
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         array = np.array(array, dtype=np.float32)  # own the memory: F32 tensors come back as views of the mmap
-        if hf_name.endswith("norm"):
-            array -= 1.0
-        yield f"{hf_name}.weight", array
+        if is_rms_norm(hf_name):
+            array -= RMS_NORM_OFFSET
+        yield hf_name, array
     if by_name:
         raise ConversionError(f"GGUF tensors the converter does not know: {sorted(by_name)[:10]}")
 
