@@ -44,12 +44,28 @@ class DataConfig(_Section):
     train_limit: int | None = Field(160, ge=1, description="keep at most this many training rows (null: all)")
     eval_limit: int | None = Field(None, ge=1, description="keep at most this many held-out rows")
     strip_citations: bool = Field(True, description="remove Wikipedia citation marks like [42] from context")
+    # 'auto' never reaches a stage: PipelineConfig resolves it against model.spec, so cache keys and
+    # manifests hold the format actually used (gemma_core.prompts.default_prompt_format).
+    prompt_format: Literal["auto", "instruction", "gemma_chat"] = Field(
+        "auto", description="'instruction' (the tutorial's Instruction:/Response: template), 'gemma_chat' "
+        "(Gemma 3's <start_of_turn> turns, the answer closed by <end_of_turn>), or 'auto': gemma_chat for "
+        "instruct models (spec naming 'instruct' or an -it hub model), instruction for base models")
+    eval_source: str | None = Field(
+        None, description="a separate held-out set in Dolly's schema (local file or hf:// dataset, as "
+        "data.source), used as the evaluation split instead of data.eval_fraction of data.source")
 
     @field_validator("source")
     @classmethod
     def _source_form(cls, value: str) -> str:
         if not value.strip():
             raise ValueError(f"must be '{SAMPLE_SOURCE}', an hf:// dataset or a local file path")
+        return _no_nul(value)
+
+    @field_validator("eval_source")
+    @classmethod
+    def _eval_source_form(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must be an hf:// dataset or a local file path (null: hold out data.eval_fraction)")
         return _no_nul(value)
 
 
@@ -120,6 +136,19 @@ class GenerationConfig(_Section):
 class EvalConfig(_Section):
     num_prompts: int = Field(16, ge=1, description="held-out prompts used for generation and scoring")
     num_side_by_side: int = Field(6, ge=0, description="answers shown side by side in the report")
+
+
+class ExportConfig(_Section):
+    """What ``gemma-lora export`` writes (``--format``, ``--quant`` and ``--overwrite`` set these)."""
+
+    format: Literal["keras", "gguf"] = Field(
+        "keras", description="keras: the adapter, a merged Keras preset and Hugging Face safetensors; "
+        "gguf: a merged llama.cpp GGUF with an Ollama Modelfile and a README")
+    quant: Literal["f32", "f16", "bf16", "q8_0"] = Field(
+        "f16", description="GGUF weight type of the 2-D weights (norms stay f32); gguf format only")
+    context_length: int = Field(32_768, ge=128, le=1_048_576, description="context length written to the GGUF "
+                                "(Gemma 3 270M and 1B: 32768; 4B and larger: 131072)")
+    overwrite: bool = Field(False, description="replace a GGUF that already exists at the target")
 
 
 class OutputConfig(_Section):
@@ -289,9 +318,33 @@ class PipelineConfig(_Section):
     generation: GenerationConfig = GenerationConfig()
     evaluation: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+    export: ExportConfig = ExportConfig()
     sweep: SweepConfig = SweepConfig()
     promotion: PromotionConfig = PromotionConfig()
     recovery: RecoveryConfig = RecoveryConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_prompt_format(cls, data: Any) -> Any:
+        """``data.prompt_format: auto`` becomes the model's format here, once, so every stage, cache key
+        and manifest sees the format actually used."""
+        if not isinstance(data, Mapping):
+            return data
+        from gemma_core.prompts import default_prompt_format
+
+        section, model = data.get("data", {}), data.get("model", {})
+        if isinstance(model, ModelConfig):
+            spec = model.spec
+        elif isinstance(model, Mapping):
+            spec = model.get("spec", EMBEDDED_MODEL)
+        else:
+            return data  # not a section: validation names it
+        if isinstance(section, DataConfig):
+            if section.prompt_format == "auto":
+                return {**data, "data": section.model_copy(update={"prompt_format": default_prompt_format(spec)})}
+        elif isinstance(section, Mapping) and section.get("prompt_format", "auto") == "auto" and isinstance(spec, str):
+            return {**data, "data": {**section, "prompt_format": default_prompt_format(spec)}}
+        return data
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none named), for cache keys and metadata."""
