@@ -74,7 +74,7 @@ def gemma_lora_pipeline(
         return stages.run(evaluate, gen, ev.num_prompts, seq_len, data, model, out_root, adapter=adapter,
                           backend=cfg.backend, stage=stage)
 
-    data = stages.run(prepare_data, cfg.data, out_root, source_fingerprint(cfg.data.source))
+    data = stages.run(prepare_data, cfg.data, out_root, source_fingerprint(cfg.data))
     model = stages.run(resolve_model_preset, cfg.model, spec_fingerprint(cfg.model.spec))
     base = evaluation(EVALUATE_BASE)
 

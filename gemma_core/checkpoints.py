@@ -6,6 +6,10 @@ Each checkpoint is a directory ``step-00000012/`` published by one atomic rename
 checkpoint whose files do not match their manifest is skipped for the previous one, and the log
 says which file and why.
 
+The final adapter gets a manifest beside it too (``adapter.manifest.json`` for ``adapter.lora.h5``:
+the run identity, including the prompt format it was trained in), so whoever loads the adapter
+later can refuse to ask it in another format (:func:`adapter_prompt_format`).
+
 Shuffling is a pure function of (seed, epoch) and the data position a pure function of the step,
 so the step number is the whole "data position and RNG state" needed to resume exactly.
 """
@@ -23,6 +27,7 @@ import numpy as np
 
 from gemma_core.atomic import DiskFullError, atomic_directory
 from gemma_core.manifest import MANIFEST_FILE, ManifestError, read_verified, write_manifest
+from gemma_core.prompts import PromptFormatMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,7 @@ CHECKPOINT_FILES = (ADAPTER_FILE, OPTIMIZER_FILE)
 # Fields of the run identity that must match for a checkpoint to be resumed, with the fix to name.
 IDENTITY_FIXES = {
     "model_id": "train from the same model.spec, or use a fresh output directory",
+    "prompt_format": "set data.prompt_format back (--set data.prompt_format=...), or use a fresh output directory",
     "lora_rank": "set lora.rank back, or use a fresh output directory",
     "lora_targets": "set lora.target_layer_names back, or use a fresh output directory",
     "data_hash": "train on the same data, or use a fresh output directory",
@@ -125,6 +131,11 @@ def restore_optimizer(optimizer, checkpoint: Checkpoint) -> None:
 
 def _check_identity(path: Path, saved: dict[str, Any], wanted: dict[str, Any]) -> None:
     for key, fix in IDENTITY_FIXES.items():
+        if key == "prompt_format" and saved.get(key) != wanted.get(key):
+            raise PromptFormatMismatchError(
+                f"checkpoint {path} was trained in the {saved.get(key)!r} prompt format but this run uses "
+                f"{wanted.get(key)!r}: use --set data.prompt_format={saved.get(key)} to resume it, or a fresh "
+                "output directory to train in the new format")
         if saved.get(key) != wanted.get(key):
             raise CheckpointMismatchError(
                 f"checkpoint {path} was written with {key}={saved.get(key)!r} but this run has "
@@ -135,3 +146,27 @@ def _check_identity(path: Path, saved: dict[str, Any], wanted: dict[str, Any]) -
 def _prune(ckpt_root: Path, keep: int) -> None:
     for old in sorted(ckpt_root.glob("step-*"), reverse=True)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def adapter_manifest_name(adapter_path: str | Path) -> str:
+    """``adapter.lora.h5`` -> ``adapter.manifest.json``: the manifest that describes that adapter."""
+    return Path(adapter_path).name.removesuffix(".lora.h5") + ".manifest.json"
+
+
+def write_adapter_manifest(adapter_path: str | Path, identity: dict[str, Any], **info: Any) -> dict[str, Any]:
+    """Record what ``adapter_path`` was trained on (model, data, prompt format, LoRA settings) beside it."""
+    adapter_path = Path(adapter_path)
+    return write_manifest(adapter_path.parent, {"identity": identity, **info}, files=[adapter_path.name],
+                          name=adapter_manifest_name(adapter_path))
+
+
+def adapter_prompt_format(adapter_path: str | Path) -> str | None:
+    """The prompt format ``adapter_path`` was trained in, from its manifest; None when no manifest
+    vouches for it (an adapter copied alone, or one from before prompt formats were recorded)."""
+    adapter_path = Path(adapter_path)
+    try:
+        manifest = read_verified(adapter_path.parent, adapter_manifest_name(adapter_path), required=[adapter_path.name])
+    except ManifestError:
+        return None
+    identity = manifest.get("identity")
+    return identity.get("prompt_format") if isinstance(identity, dict) else None

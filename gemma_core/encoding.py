@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from gemma_core.prompts import format_prompt
+from gemma_core.prompts import PROMPT_FORMATS, format_prompt, format_response
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,10 @@ class SequenceTooShortError(ValueError):
 
 
 def check_sequence_length(preprocessor, sequence_length: int) -> None:
-    """Fail early when even an empty instruction's template plus one answer token cannot fit."""
-    template_tokens = len(preprocessor.tokenizer(format_prompt("", "")))
+    """Fail early when even an empty instruction's template plus one answer token cannot fit (in the
+    longer of the prompt formats, so one check holds for both)."""
+    template_tokens = max(len(preprocessor.tokenizer(format_prompt("", "", f) + format_response("", f)))
+                          for f in PROMPT_FORMATS)
     needed = template_tokens + 3  # start token, one response token, end token
     if sequence_length < needed:
         raise SequenceTooShortError(

@@ -1,7 +1,13 @@
-"""Score a model on held-out rows: completion loss, perplexity, ROUGE-L, end-of-sequence rate, length.
+"""Score a model on held-out rows: completion loss, perplexity, ROUGE-L, how answers ended, length.
 
 The same function scores the base and the tuned model, on the same prompts, seeds and settings,
 so the two are compared like for like. Every metric is reported overall and per Dolly category.
+
+The loss is on the row's ``completion`` (the response in the data's prompt format, so in
+``gemma_chat`` it includes the closing ``<end_of_turn>``); ROUGE-L compares the answer with the bare
+``response``. Each row records which stop token ended its answer (``ended_by``: ``eos``,
+``end_of_turn``, or None when it ran into ``max_new_tokens``); ``ended_with_eos`` stays what it always
+was, "ended on a stop token", so older readers of these rows keep working.
 
 >>> report = evaluate_model(model, eval_frame, GenerationConfig(), sequence_length=128)  # doctest: +SKIP
 >>> report.overall["completion_loss"], report.per_category["closed_qa"]["rouge_l_f1"]     # doctest: +SKIP
@@ -20,6 +26,7 @@ from rouge_score import rouge_scorer
 
 from gemma_core.config import GenerationConfig
 from gemma_core.encoding import encode_examples
+from gemma_core.endings import ending_rates
 from gemma_core.generation import generate_answers
 
 LOSS_BATCH = 4  # logits are (batch, length, 262144) float32: 4 x 128 tokens is about 0.5 GB
@@ -70,7 +77,9 @@ def evaluate_model(
 ) -> EvalReport:
     """Generate an answer for every row of ``eval_frame`` and score it against the reference."""
     prompts, references = list(eval_frame["prompt"]), list(eval_frame["response"])
-    nll, count = completion_nll(model, prompts, references, sequence_length)
+    # A split written before prompt formats had no completion column: its targets were the bare responses.
+    targets = list(eval_frame["completion"]) if "completion" in eval_frame else references
+    nll, count = completion_nll(model, prompts, targets, sequence_length)
     run = generate_answers(model, prompts, generation, on_batch=on_batch)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rows = []
@@ -82,6 +91,7 @@ def evaluate_model(
             "answer": answer.text,
             "rouge_l_f1": scorer.score(references[i], answer.text)["rougeL"].fmeasure,
             "ended_with_eos": answer.ended,
+            "ended_by": answer.ended_by,
             "new_tokens": answer.new_tokens,
             "nll": float(nll[i]),
             "response_tokens": int(count[i]),
@@ -99,6 +109,7 @@ def _summarise(table: pd.DataFrame) -> dict[str, float]:
         "completion_loss": loss,
         "perplexity": math.exp(loss) if tokens else float("nan"),
         "rouge_l_f1": float(table["rouge_l_f1"].mean()),
-        "eos_rate": float(table["ended_with_eos"].mean()),
+        **ending_rates(table.to_dict("records")),
         "mean_answer_tokens": float(table["new_tokens"].mean()),
     }
+

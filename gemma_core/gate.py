@@ -29,6 +29,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from gemma_core.endings import ending_rates
+
 from gemma_core.config import PromotionConfig
 from gemma_core.formatting import json_safe, truncate
 
@@ -70,7 +72,7 @@ class Flip:
     """A prompt that changed for the worse or changed how it ends.
 
     ``kind`` is ``loss_rose`` or ``rouge_fell`` (before/after: the metric), ``stopped_eos`` or ``started_eos``
-    (before/after: whether the answer ended with end-of-sequence).
+    (before/after: whether the answer ended on a stop token, <eos> or <end_of_turn>).
     """
 
     index: int
@@ -91,7 +93,8 @@ class GateVerdict:
     margin: float
     categories: tuple[CategoryCheck, ...]  # sorted by category
     flips: tuple[Flip, ...]  # by prompt index
-    overall: dict[str, dict[str, float]]  # "champion"/"challenger" -> completion_loss, rouge_l_f1, eos_rate
+    overall: dict[str, dict[str, float]]  # "champion"/"challenger" -> completion_loss, rouge_l_f1, eos_rate,
+    #                                        end_of_turn_rate
     prompts: int
     resamples: int
     seed: int
@@ -290,5 +293,4 @@ def _flips(rows_a: list[dict], rows_b: list[dict], cfg: PromotionConfig) -> Iter
 
 
 def _summary(rows: list[dict], nll: np.ndarray, rouge: np.ndarray, tokens: np.ndarray) -> dict[str, float]:
-    return {"completion_loss": float(nll.sum() / tokens.sum()), "rouge_l_f1": float(rouge.mean()),
-            "eos_rate": float(np.mean([bool(r["ended_with_eos"]) for r in rows]))}
+    return {"completion_loss": float(nll.sum() / tokens.sum()), "rouge_l_f1": float(rouge.mean()), **ending_rates(rows)}

@@ -14,7 +14,10 @@ Two decode loops, chosen by ``GenerationConfig.compact_decode``:
 
 >>> outputs = generate_answers(model, ["Instruction:\\nName a colour.\\n\\nResponse:\\n"],
 ...                            GenerationConfig(max_new_tokens=16))   # doctest: +SKIP
->>> outputs[0].text, outputs[0].new_tokens, outputs[0].ended                        # doctest: +SKIP
+>>> outputs[0].text, outputs[0].new_tokens, outputs[0].ended_by                     # doctest: +SKIP
+
+Both loops stop a row on any of :func:`stop_token_ids` (``<eos>`` and Gemma's ``<end_of_turn>``, which
+ends a turn in the ``gemma_chat`` format); the answer records which one ended it and never holds it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 
 from gemma_core.config import GenerationConfig
 from gemma_core.decode import CompactDecoder
+from gemma_core.prompts import END_OF_TURN
 
 # The total length (prompt + answer) is rounded up to this, so batches with slightly different
 # prompts reuse one compiled loop.
@@ -41,7 +45,8 @@ class GeneratedAnswer:
     prompt: str
     text: str
     new_tokens: int
-    ended: bool  # stopped with end-of-sequence before the max_new_tokens limit
+    ended: bool  # stopped on a stop token (<eos> or <end_of_turn>) before the max_new_tokens limit
+    ended_by: str | None = None  # which: "eos" or "end_of_turn" (the token without its brackets); None: the limit
 
 
 @dataclass(frozen=True)
@@ -64,13 +69,19 @@ def make_sampler(cfg: GenerationConfig) -> keras_hub.samplers.Sampler:
 
 
 def stop_token_ids(model) -> tuple[int, ...]:
+    """The tokens that end an answer: ``<eos>``, and ``<end_of_turn>`` where the vocabulary has it."""
     tokenizer = model.preprocessor.tokenizer
     ids = {tokenizer.end_token_id}
     try:
-        ids.add(tokenizer.token_to_id("<end_of_turn>"))
+        ids.add(tokenizer.token_to_id(END_OF_TURN))
     except (KeyError, ValueError):
         pass
     return tuple(sorted(i for i in ids if i is not None))
+
+
+def stop_token_name(tokenizer, token_id: int) -> str:
+    """``<end_of_turn>`` -> ``end_of_turn``: how an evaluation row records what ended the answer."""
+    return str(tokenizer.id_to_token(int(token_id))).strip("<>")
 
 
 def _compiled_generate(model, cfg: GenerationConfig):
@@ -168,10 +179,12 @@ def _answer(tokenizer, prompt, token_ids, out_mask, prompt_mask, stops, cfg) -> 
     new = token_ids[out_mask & ~prompt_mask][: cfg.max_new_tokens]
     stop_at = np.flatnonzero(np.isin(new, stops))
     ended = bool(len(stop_at))
+    ended_by = stop_token_name(tokenizer, new[stop_at[0]]) if ended else None
     if ended:
         new = new[: stop_at[0]]
     text = tokenizer.detokenize(new.astype("int32")) if len(new) else ""
     if not isinstance(text, str):
         text = keras.ops.convert_to_numpy(text).item()
         text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
-    return GeneratedAnswer(prompt=prompt, text=text.strip(), new_tokens=len(new) + int(ended), ended=ended)
+    return GeneratedAnswer(prompt=prompt, text=text.strip(), new_tokens=len(new) + int(ended), ended=ended,
+                           ended_by=ended_by)

@@ -32,7 +32,7 @@ import keras
 
 from gemma_core.atomic import atomic_write_text
 from gemma_core.batching import TrainingSchedule, step_arrays
-from gemma_core.checkpoints import latest_valid_checkpoint, restore_optimizer, save_checkpoint
+from gemma_core.checkpoints import latest_valid_checkpoint, restore_optimizer, save_checkpoint, write_adapter_manifest
 from gemma_core.config import LoraConfig, TrainConfig
 from gemma_core.encoding import encode_examples
 from gemma_core.models import enable_lora
@@ -112,8 +112,9 @@ def train_lora(
 ) -> TrainResult:
     """Fine-tune ``model`` in place and write its adapter to ``out_dir/adapter.lora.h5``.
 
-    ``run_identity`` names the model and data (``model_id``, ``data_hash``); together with the
-    LoRA and batch settings it guards resume against another run's checkpoints.
+    ``run_identity`` names the model and data (``model_id``, ``data_hash``, ``prompt_format``);
+    together with the LoRA and batch settings it guards resume against another run's checkpoints,
+    and it is recorded beside the final adapter (``adapter.manifest.json``).
     ``stop_after_steps`` ends the call early (the run stays resumable), as an interrupted run would.
     """
     out_dir = Path(out_dir)
@@ -187,6 +188,7 @@ def train_lora(
             partial = out_dir / ".partial-adapter.lora.h5"
             model.backbone.save_lora_weights(str(partial))
             os.replace(partial, adapter_path)
+            write_adapter_manifest(adapter_path, identity, steps=steps)
     return TrainResult(
         adapter_path=adapter_path,
         log_path=log_path,

@@ -38,6 +38,42 @@ END_OF_TURN = "<end_of_turn>"
 CHAT_ROLES = ("user", "model")
 
 _CITATION = re.compile(r"\s?\[\d+\]")
+# An instruction-tuned checkpoint: a keras-hub preset such as gemma3_instruct_1b, or a Hub repo such as
+# google/gemma-3-1b-it (the '-it' suffix, possibly followed by a variant such as -it-qat).
+_INSTRUCT_SPEC = re.compile(r"instruct|-it(?:$|[-_.])", re.IGNORECASE)
+
+
+def default_prompt_format(model_spec: str) -> str:
+    """What ``data.prompt_format: auto`` means for a model: Gemma's own turns for an instruct model,
+    whose chat habits the tuning should keep, the tutorial's template for a base model.
+
+    >>> default_prompt_format("gemma3_instruct_1b"), default_prompt_format("hf://google/gemma-3-270m-it")
+    ('gemma_chat', 'gemma_chat')
+    >>> default_prompt_format("embedded:gemma3-270m"), default_prompt_format("gemma3_1b")
+    ('instruction', 'instruction')
+    """
+    name = model_spec.rstrip("/").rsplit("/", 1)[-1]
+    return "gemma_chat" if _INSTRUCT_SPEC.search(name) else "instruction"
+
+
+class PromptFormatMismatchError(ValueError):
+    """A model was trained in one prompt format and is asked in another."""
+
+
+def check_same_prompt_format(trained: str | None, wanted: str, what: str) -> None:
+    """Refuse to use ``what`` (an adapter, a checkpoint), trained in ``trained``, in the ``wanted`` format.
+
+    ``trained`` None means unknown (nothing recorded it), which is let through.
+
+    >>> check_same_prompt_format("gemma_chat", "instruction", "adapter a.lora.h5")
+    Traceback (most recent call last):
+    ...
+    gemma_core.prompts.PromptFormatMismatchError: adapter a.lora.h5 was trained in the 'gemma_chat' prompt format, but this run uses 'instruction': use --set data.prompt_format=gemma_chat to use it, or train a new adapter in the 'instruction' format
+    """
+    if trained is not None and trained != wanted:
+        raise PromptFormatMismatchError(
+            f"{what} was trained in the {trained!r} prompt format, but this run uses {wanted!r}: use "
+            f"--set data.prompt_format={trained} to use it, or train a new adapter in the {wanted!r} format")
 
 
 def check_prompt_format(prompt_format: str) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
 from gemma_core.atomic import atomic_write_bytes, atomic_write_text
+from gemma_core.redact import redact
 from gemma_core.formatting import finite_or_none, format_metric, json_safe, truncate
 
 # metric key -> (label, which direction is better: +1 higher, -1 lower, 0 neither)
@@ -34,7 +35,8 @@ METRICS: dict[str, tuple[str, int]] = {
     "completion_loss": ("held-out loss", -1),
     "perplexity": ("perplexity", -1),
     "rouge_l_f1": ("ROUGE-L F1", +1),
-    "eos_rate": ("end-of-sequence rate", +1),
+    "eos_rate": ("end-of-sequence rate (<eos>)", +1),
+    "end_of_turn_rate": ("end-of-turn rate (<end_of_turn>)", +1),
     "mean_answer_tokens": ("answer length (tokens)", 0),
 }
 REPORT_SECTIONS = ("Overall metrics", "Per category", "Side-by-side answers", "Training curve", "Run manifest")
@@ -105,6 +107,7 @@ def build_report(base_eval: dict[str, Any], tuned_eval: dict[str, Any], training
     """
     from gemma_core.report_gate import decision_sections
 
+    manifest = redact(manifest)  # its config, model spec and data source reach report.md, .html and metrics.json
     rows = prompt_rows(base_eval, tuned_eval)
     base_cat, tuned_cat = base_eval["per_category"], tuned_eval["per_category"]
     changed = sum(r["base_answer"] != r["tuned_answer"] for r in rows)
@@ -251,11 +254,14 @@ class Section:
 
 
 def intro(report: Report) -> tuple[str, ...]:
-    """The paragraph under the title: model, data and how many answers changed."""
+    """The paragraph under the title: model, data, prompt format, held-out set and how many answers changed."""
     m, manifest = report.metrics, report.manifest
+    data = manifest.get("data", {})
     return (
         "Model ", Code(manifest.get("model", {}).get("spec", "?")),
-        ", data ", Code(manifest.get("data", {}).get("source", "?")),
+        ", data ", Code(data.get("source", "?")),
+        *((", prompt format ", Code(data["prompt_format"])) if "prompt_format" in data else ()),
+        *((", held out: ", Code(data["eval_split"])) if "eval_split" in data else ()),
         f" ({m['num_prompts']} held-out prompts, same prompts and seeds for both models; "
         f"{m['answers_changed']} of {m['num_prompts']} answers changed).",
     )

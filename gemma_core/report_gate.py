@@ -18,7 +18,8 @@ from gemma_core.report import Cell, Section, Table
 GATE_TITLE = "Promotion gate"
 LEADERBOARD_TITLE = "Leaderboard"
 FLIP_KINDS = {"loss_rose": "got worse (held-out loss rose)", "rouge_fell": "got worse (ROUGE-L fell)",
-              "stopped_eos": "stopped ending with end-of-sequence", "started_eos": "started ending with end-of-sequence"}
+              "stopped_eos": "stopped ending on a stop token (<eos> or <end_of_turn>)",
+              "started_eos": "started ending on a stop token (<eos> or <end_of_turn>)"}
 
 
 def decision_sections(gate: dict[str, Any] | None, leaderboard: list[dict[str, Any]] | None) -> tuple[Section, ...]:
@@ -66,13 +67,13 @@ def gate_section(gate: dict[str, Any]) -> Section:
 
 def leaderboard_section(leaderboard: list[dict[str, Any]]) -> Section:
     categories = sorted({c for point in leaderboard for c in point.get("per_category", {})})
-    columns = ("point", "held-out loss", "ROUGE-L", "EOS rate", "training s", *categories, "role")
+    columns = ("point", "held-out loss", "ROUGE-L", "EOS rate", "end-of-turn rate", "training s", *categories, "role")
     rows = []
     for point in leaderboard:
         overall, per_category = point.get("overall", {}), point.get("per_category", {})
         rows.append((
             Cell(point["label"]),
-            *(Cell(format_metric(overall.get(k))) for k in ("completion_loss", "rouge_l_f1", "eos_rate")),
+            *(Cell(format_metric(overall.get(k))) for k in ("completion_loss", "rouge_l_f1", "eos_rate", "end_of_turn_rate")),
             Cell(format_metric(point.get("train_seconds"))),
             *(Cell(format_metric(per_category.get(c, {}).get("completion_loss"))) for c in categories),
             Cell(point.get("role", "")),

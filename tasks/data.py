@@ -15,13 +15,18 @@ from tasks.runtime import logger, maybe_fail, peak_rss_mb, timed
 from tasks.stages import PREPARE_DATA
 
 
-def source_fingerprint(source: str) -> str:
+def source_fingerprint(source: str | DataConfig) -> str:
     """What identifies the source's content for the cache key, without parsing it.
 
     A local file counts by its sha256; the offline sample is part of the package sources, which
     every key already includes; an ``hf://`` dataset counts by its name (the Hub copy is cached
-    by ``datasets``).
+    by ``datasets``). Given the whole data config, the ``data.eval_source`` file counts the same way.
     """
+    if isinstance(source, DataConfig):
+        training = source_fingerprint(source.source)
+        if source.eval_source is None:
+            return training
+        return f"{training} eval:{source_fingerprint(source.eval_source)}"
     if source == SAMPLE_SOURCE or source.startswith("hf://"):
         return source
     path = Path(source).expanduser()
@@ -38,9 +43,10 @@ def prepare_data(data: DataConfig, out_root: str, source_fingerprint: str) -> Da
         prepared = format_dolly_to_parquet(data, Path(out_root) / "data")
     out_dir = prepared.train_path.parent
     logger().info(
-        "data: %d train / %d eval rows from %s%s -> %s",
+        "data: %d train / %d eval rows from %s%s, %s format, held out: %s -> %s",
         prepared.counts["train"], prepared.counts["eval"], prepared.source,
-        " (offline sample, not Dolly-15k)" if prepared.is_sample else "", out_dir,
+        " (offline sample, not Dolly-15k)" if prepared.is_sample else "", prepared.prompt_format,
+        prepared.eval_source or f"data.eval_fraction={data.eval_fraction}", out_dir,
     )
     dropped = {k: v for k, v in prepared.dropped.items() if v}
     if dropped:
@@ -60,4 +66,6 @@ def prepare_data(data: DataConfig, out_root: str, source_fingerprint: str) -> Da
         is_sample=prepared.is_sample,
         counts=prepared.counts,
         dropped=prepared.dropped,
+        prompt_format=prepared.prompt_format,
+        eval_source=prepared.eval_source,
     )

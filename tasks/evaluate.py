@@ -14,6 +14,7 @@ from prefect.runtime import task_run
 
 from gemma_core.atomic import atomic_write_text
 from gemma_core.config import GenerationConfig
+from gemma_core.prompts import check_same_prompt_format
 from tasks.caching import input_fingerprint
 from tasks.common import CACHED
 from tasks.model import load_stage_model, release
@@ -51,6 +52,8 @@ def evaluate(
         "data": data, "model": model, "adapter": adapter, "backend": backend,
     })
     out_dir = Path(out_root) / "eval" / f"eval-{fingerprint[:16]}"
+    if adapter is not None:  # an adapter answers in the format it learned, or wrongly
+        check_same_prompt_format(adapter.prompt_format, data.prompt_format, f"the {who} adapter {adapter.path}")
     with timed() as t:
         frame = read_split(data.path("eval")).head(num_prompts)
         if len(frame) < num_prompts:
@@ -67,9 +70,9 @@ def evaluate(
         path = atomic_write_text(out_dir / EVAL_FILE, json.dumps(report.to_dict(), indent=1, sort_keys=True) + "\n")
     overall = {k: (None if v != v else float(v)) for k, v in report.overall.items()}
     logger().info(
-        "%s model: loss %.3f, ROUGE-L %.3f, EOS rate %.2f, %.1f new tokens/s",
+        "%s model: loss %.3f, ROUGE-L %.3f, ended by <eos> %.2f, by <end_of_turn> %.2f, %.1f new tokens/s",
         who, report.overall["completion_loss"], report.overall["rouge_l_f1"], report.overall["eos_rate"],
-        report.new_tokens_per_second,
+        report.overall["end_of_turn_rate"], report.new_tokens_per_second,
     )
     return EvalResult(
         stage=stage,

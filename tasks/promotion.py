@@ -97,7 +97,12 @@ def read_champion(out_root: str, registry: str, model_hash: str) -> ChampionStat
 def _adapter_of(record) -> AdapterRef | None:
     if record is None or record.is_base_model:
         return None
-    return AdapterRef(file=FileRef(path=record.adapter, sha256=record.adapter_sha256), lora=record.lora)
+    # The promoting run's config holds the format the adapter was trained in; a config from before
+    # prompt formats existed names none, and the instruction template was the only one then.
+    data = record.config.get("data") if isinstance(record.config.get("data"), dict) else None
+    prompt_format = data.get("prompt_format", "instruction") if data is not None else None
+    return AdapterRef(file=FileRef(path=record.adapter, sha256=record.adapter_sha256), lora=record.lora,
+                      prompt_format=prompt_format)
 
 
 @task(name=GATE, **CACHED)

@@ -64,6 +64,8 @@ def render_report(
         manifest = {
             "model": {"spec": model.spec, "content_hash": model.model_hash, "preset_dir": model.preset_dir},
             "data": {"source": data.source, "content_hash": data.data_hash, "is_sample": data.is_sample,
+                     "prompt_format": data.prompt_format,
+                     "eval_split": data.eval_source or "data.eval_fraction of data.source",
                      "counts": data.counts, "dropped": {k: v for k, v in data.dropped.items() if v}},
             "training": {"steps": train.steps, "resumed_from_step": train.resumed_from_step,
                          "learning_rate": train.learning_rate, "adapter_sha256": train.files["adapter"].sha256},

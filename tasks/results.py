@@ -40,6 +40,9 @@ class AdapterRef(BaseModel):
 
     file: FileRef
     lora: dict[str, Any]
+    # data.prompt_format it was trained in; None: unknown (an adapter from before prompt formats
+    # existed, when the instruction template was the only one)
+    prompt_format: str | None = None
 
     def cache_identity(self) -> dict[str, Any]:
         return {"adapter": self.file.sha256, "lora": self.lora}
@@ -86,6 +89,8 @@ class DataResult(StageResult):
     is_sample: bool
     counts: dict[str, int]
     dropped: dict[str, int]
+    prompt_format: str = "instruction"  # of the prompt/completion columns (data.prompt_format, resolved)
+    eval_source: str | None = None  # the held-out file used as the eval split (None: data.eval_fraction)
 
     def cache_identity(self) -> dict[str, Any]:
         return {"stage": self.stage, "content": self.content_hash, "data_hash": self.data_hash}
@@ -115,9 +120,10 @@ class TrainOutput(StageResult):
     useful_tokens_per_second: float | None
     learning_rate: float
     lora: dict[str, Any]  # rank and target layers: the tuned model is rebuilt with exactly these
+    prompt_format: str | None = None  # the data's format the adapter was trained in
 
     def adapter(self) -> AdapterRef:
-        return AdapterRef(file=self.files["adapter"], lora=self.lora)
+        return AdapterRef(file=self.files["adapter"], lora=self.lora, prompt_format=self.prompt_format)
 
 
 class ReportResult(StageResult):

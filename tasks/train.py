@@ -12,6 +12,7 @@ from pathlib import Path
 
 from prefect import task
 
+from gemma_core.checkpoints import adapter_manifest_name
 from gemma_core.config import LoraConfig, TrainConfig
 from tasks.caching import input_fingerprint
 from tasks.common import CACHED
@@ -43,11 +44,14 @@ def train_adapter(
                             f"loss {report.loss:.3f}, {report.tokens_per_second:.0f} tokens/s")
             maybe_fail(TRAIN_LORA, step=report.step)
 
-        logger().info("fine-tuning on %d examples (lr %g, rank %d, batch %d, sequence length %d) in %s",
-                      len(frame), train.learning_rate, lora.rank, train.batch_size, train.sequence_length, out_dir)
+        logger().info("fine-tuning on %d examples (%s format, lr %g, rank %d, batch %d, sequence length %d) in %s",
+                      len(frame), data.prompt_format, train.learning_rate, lora.rank, train.batch_size,
+                      train.sequence_length, out_dir)
+        # "completion" is the response in the data's prompt format (closed by <end_of_turn> in gemma_chat).
         result = train_lora(
-            loaded, list(frame["prompt"]), list(frame["response"]), train, lora, out_dir,
-            run_identity={"model_id": model.model_hash, "data_hash": data.data_hash},
+            loaded, list(frame["prompt"]), list(frame["completion"]), train, lora, out_dir,
+            run_identity={"model_id": model.model_hash, "data_hash": data.data_hash,
+                          "prompt_format": data.prompt_format},
             on_step=on_step,
         )
         del loaded
@@ -60,7 +64,8 @@ def train_adapter(
     return TrainOutput(
         stage=TRAIN_LORA,
         fingerprint=fingerprint,
-        files={"adapter": FileRef.of(result.adapter_path), "log": FileRef.of(result.log_path)},
+        files={"adapter": FileRef.of(result.adapter_path), "log": FileRef.of(result.log_path),
+               "adapter_manifest": FileRef.of(result.adapter_path.with_name(adapter_manifest_name(result.adapter_path)))},
         seconds=t.seconds,
         peak_rss_mb=peak_rss_mb(),
         out_dir=str(out_dir.resolve()),
@@ -70,4 +75,5 @@ def train_adapter(
         useful_tokens_per_second=tps if tps == tps else None,
         learning_rate=train.learning_rate,
         lora=lora.model_dump(mode="json"),
+        prompt_format=data.prompt_format,
     )
