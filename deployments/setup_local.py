@@ -56,7 +56,7 @@ DEFAULT_PORT = 4200
 # Workers poll every 10 s by default; 2 s makes a run pressed in the UI start within seconds.
 WORKER_QUERY_SECONDS = "2"
 # Environment values {{ $VAR }} in prefect.yaml, and who provides them.
-DEPLOY_ENV = ("GEMMA_LORA_RETRAIN_CRON", "GEMMA_LORA_WATCH_SECONDS", "GEMMA_LORA_DEBOUNCE_SECONDS")  # `prefect deploy`
+DEPLOY_ENV = ("GEMMA_LORA_RETRAIN_CRON", "GEMMA_LORA_WATCH_EVERY", "GEMMA_LORA_DEBOUNCE")  # `prefect deploy`
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 RUN_ENV = ("GEMMA_LORA_CHECKOUT",)  # read where each flow run starts (its pull step)
 
@@ -83,16 +83,19 @@ def base_env(api_url: str | None = None, recovery: RecoveryConfig | None = None,
 
 # --- workers (the server is flows.prefect_server.PrefectServer) -----------------------------------
 
-def start_worker(pool: str, env: dict[str, str], log_path: Path, name: str | None = None) -> subprocess.Popen:
-    """A `process` worker for ``pool``; its flow runs inherit ``env``."""
+def start_worker(pool: str, env: dict[str, str], log_path: Path, name: str | None = None, *,
+                 limit: int | None = None, cwd: Path = REPO) -> subprocess.Popen:
+    """A `process` worker for ``pool``; its flow runs inherit ``env``. ``limit``: flow runs it runs at
+    once (default: no limit of its own); ``cwd``: its working directory."""
     env = dict(env)
     env.setdefault("PREFECT_WORKER_QUERY_SECONDS", WORKER_QUERY_SECONDS)
     log = open(log_path, "ab")
     try:
         return subprocess.Popen(
             [*prefect_cli(), "worker", "start", "--pool", pool, "--type", "process",
-             "--name", name or f"{pool}-worker-{socket.gethostname()}", "--install-policy", "never"],
-            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+             "--name", name or f"{pool}-worker-{socket.gethostname()}", "--install-policy", "never",
+             *(["--limit", str(limit)] if limit else [])],
+            env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
     finally:
         log.close()
@@ -127,8 +130,9 @@ class WorkerSupervisor:
     the back-off. Call :meth:`check` periodically (setup_local's main loop does, every second)."""
 
     def __init__(self, pools: Iterable[str], env: dict[str, str], logs: Path, *, names: dict[str, str] | None = None,
-                 max_backoff_s: float = 60, healthy_after_s: float = 300, say=print):
+                 max_backoff_s: float = 60, healthy_after_s: float = 300, say=print, spawn=None):
         self.pools, self.env, self.logs, self.say = list(pools), env, logs, say
+        self.spawn = spawn or start_worker  # (pool, env, log_path, name) -> Popen
         self.names = names or {}
         self.max_backoff_s, self.healthy_after_s = max_backoff_s, healthy_after_s
         self.workers: dict[str, subprocess.Popen] = {}
@@ -146,7 +150,7 @@ class WorkerSupervisor:
         return self
 
     def _spawn(self, pool: str) -> None:
-        self.workers[pool] = start_worker(pool, self.env, self.log_path(pool), name=self.names.get(pool))
+        self.workers[pool] = self.spawn(pool, self.env, self.log_path(pool), name=self.names.get(pool))
         self.started_at[pool] = time.monotonic()
 
     def check(self) -> None:
@@ -239,8 +243,9 @@ def apply_deployments(api_url: str, cron: str = DEFAULT_CRON, env: dict[str, str
     env = dict(env if env is not None else base_env(api_url))
     env["PREFECT_API_URL"] = api_url
     env["GEMMA_LORA_RETRAIN_CRON"] = cron
-    env["GEMMA_LORA_WATCH_SECONDS"] = str(recovery.watch_every_s)
-    env["GEMMA_LORA_DEBOUNCE_SECONDS"] = str(recovery.debounce_s)
+    # ISO 8601 durations: a {{ $VAR }} value is a string, and Prefect reads a string duration only in that form
+    env["GEMMA_LORA_WATCH_EVERY"] = f"PT{recovery.watch_every_s}S"
+    env["GEMMA_LORA_DEBOUNCE"] = f"PT{recovery.debounce_s}S"
     for var in RUN_ENV:  # set here, `prefect deploy` would bake this machine's value into the pull step
         env.pop(var, None)
     done = subprocess.run(
