@@ -44,6 +44,9 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with config sections")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field (repeatable)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show the native libraries' start-up logging (TensorFlow, XLA, absl; "
+                             "or set GEMMA_LORA_VERBOSE=1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from flows.quiet import VERBOSE_ENV, filter_stderr
+
+    if getattr(args, "verbose", False):
+        os.environ[VERBOSE_ENV] = "1"  # for the processes this one starts, too
+    filter_stderr()  # before anything imports Keras, TensorFlow or JAX (flows/quiet.py)
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, ValueError) as err:

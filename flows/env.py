@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from flows.quiet import QUIET_ENV, verbose
+
 from gemma_core.config import RecoveryConfig
 
 RESULT_STORAGE_ENV = "GEMMA_LORA_RESULT_STORAGE"
@@ -36,7 +38,8 @@ def apply_defaults(environ: dict[str, str] | None = None) -> dict[str, str]:
     """Set the defaults (and ``PREFECT_HOME``) where unset; returns what was set.
 
     Prefect runs embedded (its ephemeral server on SQLite under ``PREFECT_HOME``) unless
-    ``PREFECT_API_URL`` points to a server.
+    ``PREFECT_API_URL`` points to a server. Unless ``GEMMA_LORA_VERBOSE`` is set, the native
+    libraries' log levels are lowered too (flows/quiet.py).
     """
     env = os.environ if environ is None else environ
     applied = {}
@@ -44,6 +47,8 @@ def apply_defaults(environ: dict[str, str] | None = None) -> dict[str, str]:
     defaults["PREFECT_HOME"] = str(default_prefect_home())
     if not env.get("PREFECT_API_URL"):
         defaults["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "true"
+    if not verbose(env):
+        defaults.update(QUIET_ENV)
     for key, value in defaults.items():
         if key not in env:
             env[key] = value

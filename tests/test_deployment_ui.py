@@ -1,39 +1,29 @@
 """What a user sees of the deployment stack (tests/helpers/stack.py) in the Prefect UI, in headless
 Chromium: the finished run's page, its report artifact and the deployment's run form. Skipped
-without chromium.
+without chromium, except under CI (tests/helpers/browser.py).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.browser import chromium_cli as chromium
+from tests.helpers.browser import chromium_or_skip
+
 pytest_plugins = ["tests.helpers.stack"]  # the session's one stack, shared with test_deployment_stack.py
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
-
-def chromium(url: str, out: Path, tmp: Path, *, screenshot: bool) -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    profile = tmp / f"profile-{out.stem}-{screenshot}"
-    profile.mkdir()
-    action = [f"--screenshot={out}"] if screenshot else ["--dump-dom"]
-    done = subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1400,1800",
-                           "--virtual-time-budget=20000", *action, url],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+@pytest.fixture
+def browser():
+    """Checked before the stack starts: no chromium skips at once (fails under CI)."""
+    return chromium_or_skip()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
-                    reason="no chromium (Debian: apt-get install -y chromium)")
-def test_the_ui_shows_the_finished_run_and_its_report(stack, two_runs, tmp_path):
+def test_browser_the_ui_shows_the_finished_run_and_its_report(browser, stack, two_runs, tmp_path):
     """What a user sees: the run's page, the report artifact and the deployment's run form (every
     config field), in headless Chromium. Screenshots go
     to $GEMMA_LORA_SCREENSHOT_DIR (else this test's temporary directory); their paths are printed."""

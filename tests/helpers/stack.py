@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -35,11 +36,22 @@ def final(run: dict) -> bool:
 
 
 class Stack:
-    """A Prefect server, the pools and deployments, and a process worker per pool."""
+    """A Prefect server, the pools and deployments, and a process worker per pool.
 
-    def __init__(self, root: Path, recovery: RecoveryConfig | None = None):
+    For the load test (tests/test_load_postgres.py): ``database_url`` puts the server on PostgreSQL,
+    ``cpu_workers`` process workers serve the `cpu` pool (each running at most ``worker_limit`` flow
+    runs at once, each in a working directory and PREFECT_HOME of its own, as on separate machines),
+    ``gpu_concurrency`` is the `gpu` pool's limit, and ``extra_env`` reaches every worker's flow runs
+    (an object store's endpoint and credentials)."""
+
+    def __init__(self, root: Path, recovery: RecoveryConfig | None = None, *, database_url: str | None = None,
+                 cpu_workers: int = 0, worker_limit: int | None = None,
+                 gpu_concurrency: int = setup_local.GPU_CONCURRENCY, extra_env: dict[str, str] | None = None):
         self.root = root
         self.recovery = recovery  # given: heartbeats at its period and the project's automations installed
+        self.database_url, self.cpu_workers, self.worker_limit = database_url, cpu_workers, worker_limit
+        self.gpu_concurrency, self.extra_env = gpu_concurrency, dict(extra_env or {})
+        self.cpu_pool_workers: list[subprocess.Popen] = []  # the load test's own cpu workers (cpu_workers > 0)
         self.server: PrefectServer | None = None
         self.supervisor: setup_local.WorkerSupervisor | None = None  # the workers, restarted when they die
         self.logs: dict[str, Path] = {}
@@ -52,7 +64,8 @@ class Stack:
 
     def start(self) -> "Stack":
         started = time.monotonic()
-        self.server = isolated_server(self.root / "server-home", self.root / "server.log", ui=True)
+        self.server = isolated_server(self.root / "server-home", self.root / "server.log", ui=True,
+                                      database_url=self.database_url)
         self.api, self.logs["server"] = self.server.api_url, self.server.log_path
         self.timings["server healthy"] = self.server.spawn().wait_healthy()
         t = time.monotonic()
@@ -61,21 +74,30 @@ class Stack:
         checkout = self.root / "checkout"
         for package in ("gemma_core", "tasks", "flows"):
             shutil.copytree(REPO / package, checkout / package, ignore=shutil.ignore_patterns("__pycache__"))
-        setup_local.create_pools(self.api, checkout)
+        setup_local.create_pools(self.api, checkout, gpu_concurrency=self.gpu_concurrency)
         env = setup_local.base_env(self.api, self.recovery, GEMMA_LORA_CHECKOUT=str(checkout), PYTHONPATH=str(checkout),
-                                   PREFECT_HOME=str(self.root / "client-home"), PREFECT_WORKER_QUERY_SECONDS="2")
+                                   PREFECT_HOME=str(self.root / "client-home"), PREFECT_WORKER_QUERY_SECONDS="2",
+                                   **self.extra_env)
         for var in ("GEMMA_LORA_RESULT_STORAGE", "GEMMA_LORA_FAIL_AT", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"):
             env.pop(var, None)
         setup_local.apply_deployments(self.api, self.cron, env, recovery=self.recovery)
         if self.recovery is not None:
             automations.install(self.api, self.recovery)
         self.timings["pools and deployments"] = time.monotonic() - t
-        pools = (setup_local.CPU_POOL, setup_local.GPU_POOL)
+        pools = (setup_local.GPU_POOL,) if self.cpu_workers else (setup_local.CPU_POOL, setup_local.GPU_POOL)
         self.supervisor = setup_local.WorkerSupervisor(pools, env, self.root, names={p: f"{p}-worker" for p in pools},
                                                        max_backoff_s=2, say=print)
         self.supervisor.start()
         for pool in pools:
             self.logs[f"worker-{pool}"] = self.supervisor.log_path(pool)
+        for i in range(self.cpu_workers):  # as on separate machines: own working directory and PREFECT_HOME
+            name = f"{setup_local.CPU_POOL}-worker-{i}"
+            workdir = self.root / "workers" / name
+            (workdir / "home").mkdir(parents=True, exist_ok=True)
+            self.logs[f"worker-{name}"] = self.root / f"worker-{name}.log"
+            self.cpu_pool_workers.append(setup_local.start_worker(
+                setup_local.CPU_POOL, {**env, "PREFECT_HOME": str(workdir / "home")}, self.logs[f"worker-{name}"],
+                name=name, limit=self.worker_limit, cwd=workdir))
         self.timings["set-up"] = time.monotonic() - started
         return self
 
@@ -86,6 +108,8 @@ class Stack:
         self.closed = True
         t = time.monotonic()
         procs = list(self.supervisor.workers.values()) if self.supervisor is not None else []
+        procs += self.cpu_pool_workers
+        setup_local.stop_all(reversed(self.cpu_pool_workers))
         if self.supervisor is not None:
             self.supervisor.stop()
         if self.server is not None and self.server.process is not None:
