@@ -4,7 +4,8 @@ comes from a YAML file (--config); the typed config validates both before any wo
   gemma-lora run       run the pipeline (cached: a second identical run is all Cached)
   gemma-lora report    print the last run's report (Markdown), or its HTML/JSON, or open it
   gemma-lora export    export the champion's tuned model (adapter, merged Keras preset, safetensors);
-                       --run latest: the last run's
+                       --run latest: the last run's; --format gguf --quant q8_0: a llama.cpp GGUF
+                       with an Ollama Modelfile
   gemma-lora champion  show the champion (the adapter in use), its metrics, lineage and history
   gemma-lora promote   make a run's tuned adapter (or an old champion) the champion, by hand
   gemma-lora rollback  make the previous champion the champion again
@@ -23,6 +24,7 @@ import webbrowser
 from pathlib import Path
 from typing import Any
 
+from flows.cli_champion import add_export_options, export_overrides
 from flows.storage import read_latest
 from gemma_core.config import ConfigError, PipelineConfig, load_config
 from gemma_core.formatting import format_fixed
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--result-storage", metavar="PATH_OR_URL", help="as for run")
     export.add_argument("--run", choices=("latest",), help="export the last run's tuned model instead of the champion")
     export.add_argument("--name", help="registry name (default: default)")
+    add_export_options(export)
     champion = commands.add_parser("champion", help="show the champion, its metrics, lineage and history")
     _config_options(champion)
     champion.add_argument("--name", help="registry name: one champion per pipeline name (default: default)")
@@ -92,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "export":
+        args.overrides += export_overrides(args)
     from flows.quiet import VERBOSE_ENV, filter_stderr
 
     if getattr(args, "verbose", False):

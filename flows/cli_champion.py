@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from flows.storage import LATEST, read_latest
-from gemma_core.config import PipelineConfig
+from gemma_core.config import ExportConfig, PipelineConfig
 from gemma_core.formatting import format_fixed, truncate
 
 if TYPE_CHECKING:
@@ -23,6 +23,30 @@ class CommandError(Exception):
 
 
 # --- export ----------------------------------------------------------------------------------------
+
+def _choices(field: str) -> tuple[str, ...]:
+    from typing import get_args
+
+    return get_args(ExportConfig.model_fields[field].annotation)  # the config's Literal: one list of choices
+
+
+def add_export_options(parser: argparse.ArgumentParser) -> None:
+    """``--format``, ``--quant``, ``--overwrite``: shorthands for ``--set export.<field>=...``."""
+    parser.add_argument("--format", choices=_choices("format"),
+                        help="keras (default): adapter, merged Keras preset, safetensors; gguf: a merged llama.cpp "
+                             "GGUF with an Ollama Modelfile and a README (export.format)")
+    parser.add_argument("--quant", choices=_choices("quant"),
+                        help="GGUF weight type of the 2-D weights, norms stay f32 (export.quant, default f16)")
+    parser.add_argument("--overwrite", action="store_true", default=None,
+                        help="replace a GGUF that already exists (export.overwrite)")
+
+
+def export_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides the export options stand for, applied after any ``--set`` of the user."""
+    given = {"format": args.format, "quant": args.quant, "overwrite": args.overwrite}
+    return [f"export.{name}={str(value).lower() if isinstance(value, bool) else value}"
+            for name, value in given.items() if value is not None]
+
 
 class ExportInputs(NamedTuple):
     what: str  # for people: "the champion (record 3)" or "the last run (<flow run id>)"
@@ -79,8 +103,10 @@ def export(cfg: PipelineConfig, result_storage: str | None, run: str | None = No
     from flows.export import export_flow
 
     print(f"gemma-lora: exporting {inputs.what}", file=sys.stderr)  # stdout: one "name path" line per export
+    # The run's config, with this command's export section (the run itself never exported).
+    config = {**inputs.config, "export": cfg.export.model_dump(mode="json")}
     state = export_flow(
-        config=inputs.config,
+        config=config,
         model=inputs.model,
         adapter=inputs.adapter,
         result_storage=result_storage or inputs.result_storage,

@@ -1,5 +1,6 @@
 """The export flow: the tuned model of a pipeline run as the adapter, a merged Keras preset and
-Hugging Face safetensors (``gemma-lora export`` runs it)."""
+Hugging Face safetensors, or as a merged GGUF with an Ollama Modelfile, as the config's ``export``
+section says (``gemma-lora export`` runs it)."""
 
 from __future__ import annotations
 
@@ -17,4 +18,6 @@ def export_flow(
     config: dict[str, Any], model: ModelResult, adapter: AdapterRef, result_storage: str | None = None
 ) -> ExportResult:
     run = start_flow(config, result_storage)
-    return run.stages.run(export_model, model, adapter, run.out_root, backend=run.cfg.backend)
+    cfg = run.cfg
+    return run.stages.run(export_model, model, adapter, run.out_root, cfg.export, cfg.generation,
+                          backend=cfg.backend)

@@ -1,4 +1,5 @@
-"""Export a tuned model three ways: the adapter alone, a merged Keras preset, Hugging Face safetensors.
+"""Export a tuned model: the adapter alone, a merged Keras preset, Hugging Face safetensors (format
+``keras``), or a merged llama.cpp GGUF with an Ollama Modelfile (format ``gguf``, :mod:`gemma_core.gguf_export`).
 
 keras-hub's Transformers exporter reads each layer's raw base kernel and would silently drop the
 adapter, so the safetensors export goes through the merged preset: Keras folds ``A @ B * alpha/r``
@@ -7,6 +8,8 @@ into the kernel when it saves a LoRA-enabled layer, and the preset reloads as a 
 >>> paths = export_all(model, "runs/export")        # doctest: +SKIP
 >>> sorted(paths)                                    # doctest: +SKIP
 ['adapter', 'keras_preset', 'transformers']
+>>> sorted(export_model_as(model, "runs/export", ExportConfig(format="gguf"), GenerationConfig(), "instruction"))  # doctest: +SKIP
+['gguf', 'gguf_readme', 'modelfile']
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import keras_hub
 
 from gemma_core.atomic import atomic_directory
+from gemma_core.config import ExportConfig, GenerationConfig
 
 
 def export_adapter(model, path: str | Path) -> Path:
@@ -54,3 +58,14 @@ def export_all(model, out_dir: str | Path) -> dict[str, Path]:
         "keras_preset": preset,
         "transformers": export_transformers(preset, out_dir / "transformers"),
     }
+
+
+def export_model_as(model, out_dir: str | Path, export: ExportConfig, generation: GenerationConfig,
+                    prompt_format: str) -> dict[str, Path]:
+    """What the config's ``export`` section asks for, in ``out_dir``: name -> path."""
+    if export.format == "gguf":
+        from gemma_core.gguf_export import export_gguf_bundle
+
+        return export_gguf_bundle(model, out_dir, export.quant, generation, prompt_format,
+                                  context_length=export.context_length, overwrite=export.overwrite)
+    return export_all(model, out_dir)

@@ -1,5 +1,6 @@
 """Export stage: the tuned model as the adapter alone, a merged Keras preset and Hugging Face
-safetensors (:mod:`gemma_core.export`), in a directory named by the model and adapter content."""
+safetensors, or as a merged GGUF with an Ollama Modelfile (:mod:`gemma_core.export`), in a directory
+named by the model and adapter content and the export settings."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from prefect import task
 
+from gemma_core.config import ExportConfig, GenerationConfig
 from tasks.caching import input_fingerprint
 from tasks.common import CACHED
 from tasks.model import load_stage_model, release
@@ -16,21 +18,32 @@ from tasks.stages import EXPORT_MODEL
 
 
 class ExportResult(StageResult):
-    """Where each export went (``adapter``, ``keras_preset``, ``transformers``)."""
+    """Where each export went (``adapter``, ``keras_preset``, ``transformers``; or ``gguf``, ``modelfile``,
+    ``gguf_readme``)."""
 
     out_dir: str
     exports: dict[str, str]
 
 
 @task(name=EXPORT_MODEL, **CACHED)
-def export_model(model: ModelResult, adapter: AdapterRef, out_root: str, backend: str = "jax") -> ExportResult:
-    from gemma_core.export import export_all
+def export_model(model: ModelResult, adapter: AdapterRef, out_root: str, export: ExportConfig,
+                 generation: GenerationConfig, backend: str = "jax") -> ExportResult:
+    from gemma_core.export import export_model_as
 
-    fingerprint = input_fingerprint("export", {"model": model, "adapter": adapter, "backend": backend})
+    # The Modelfile prompts in the format the adapter was trained in (None: from before formats existed,
+    # when the instruction template was the only one).
+    prompt_format = adapter.prompt_format or "instruction"
+    # overwrite changes no byte written, so it is no part of the directory's name; the generation
+    # section and the prompt format only reach the Modelfile of a GGUF export.
+    settings = export.model_dump(mode="json", exclude={"overwrite"})
+    if export.format == "gguf":
+        settings |= {"generation": generation.model_dump(mode="json"), "prompt_format": prompt_format}
+    fingerprint = input_fingerprint("export", {"model": model, "adapter": adapter, "backend": backend,
+                                               "export": settings})
     out_dir = Path(out_root) / "export" / f"export-{fingerprint[:16]}"
     with timed() as t:
         loaded = load_stage_model(model, adapter)
-        paths = export_all(loaded, out_dir)
+        paths = export_model_as(loaded, out_dir, export, generation, prompt_format)
         del loaded
         release()
     files = {str(p.relative_to(out_dir)): FileRef.of(p) for p in sorted(out_dir.rglob("*")) if p.is_file()}

@@ -227,3 +227,63 @@ def test_gguf_export_refuses_a_model_llama_cpp_would_run_differently(tiny_preset
     with pytest.raises(GGUFExportError, match="final_logit_soft_cap=30.0"):
         write_gguf(capped, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_gguf_export_cli_refuses_an_unknown_format_or_quant(capsys):
+    from flows.cli import build_parser
+
+    for argv, value in ((["export", "--quant", "q4_k"], "'q4_k'"), (["export", "--format", "onnx"], "'onnx'")):
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f"invalid choice: {value}" in err
+    assert "f32" in err or "keras" in err  # the allowed values are listed
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_preset, tmp_path_factory):
+    """One tiny pipeline run (outside any test's output capture: Prefect's console keeps the stream)."""
+    from tests.helpers.in_process import run_pipeline
+    from tests.helpers.tiny_config import tiny_pipeline_config
+
+    root = tmp_path_factory.mktemp("gguf-run")
+    cfg = tiny_pipeline_config(tiny_preset, root / "runs")
+    state, _ = run_pipeline(cfg, str(root / "results"))
+    assert state.is_completed(), state.message
+    return cfg, root
+
+
+def test_gguf_export_cli_writes_the_last_runs_model_as_gguf(tiny_preset, tiny_run, capsys):
+    """After the tiny pipeline, ``gemma-lora export --run latest --format gguf --quant q8_0``: the GGUF holds
+    the run's adapter (its greedy tokens are the tuned model's); a rerun is cached."""
+    from flows.cli import main
+    from gemma_core.config import validate_config
+
+    cfg, tmp_path = tiny_run
+    argv = ["export", "--run", "latest", "--format", "gguf", "--quant", "q8_0", "--set", f"output.root={tmp_path / 'runs'}"]
+    assert main(argv) == 0
+    lines = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines() if line.strip())
+    assert set(lines) == {"gguf", "modelfile", "gguf_readme"}
+    gguf_path = Path(lines["gguf"])
+    assert gguf_path.name == "model-q8_0.gguf" and gguf_path.parent == Path(lines["modelfile"]).parent
+    prompt_format = validate_config(cfg).data.prompt_format  # the adapter's: the run trained in it
+    assert f"FROM ./{gguf_path.name}" in Path(lines["modelfile"]).read_text()
+    assert f"`{prompt_format}` prompt format" in Path(lines["gguf_readme"]).read_text()
+
+    from flows.storage import read_latest
+    from gemma_core.config import LoraConfig
+    from gemma_core.models import load_model
+    from tasks.results import TrainOutput
+
+    adapter = TrainOutput.model_validate(read_latest(tmp_path / "runs")["results"]["train"]).adapter()
+    tuned = load_model(str(tiny_preset), None, lora=LoraConfig(**adapter.lora), adapter=adapter.path)
+    expected, mask = _logits(tuned, PROMPTS)
+    actual, _ = _logits(_read_back(gguf_path, tmp_path / "back"), PROMPTS)
+    assert _relative_error(actual, expected, mask) <= 4e-2  # q8_0, as in the tiny-model test above
+    assert _greedy(_read_back(gguf_path, tmp_path / "back2"), PROMPTS) == _greedy(tuned, PROMPTS)
+
+    mtime = gguf_path.stat().st_mtime_ns
+    assert main(argv) == 0  # cached: the same paths, the file untouched
+    assert Path(dict(l.split(maxsplit=1) for l in capsys.readouterr().out.splitlines() if l.strip())["gguf"]) == gguf_path
+    assert gguf_path.stat().st_mtime_ns == mtime
