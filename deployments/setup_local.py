@@ -3,7 +3,8 @@
     .venv/bin/python deployments/setup_local.py
 
 1. uses the Prefect server in PREFECT_API_URL, or starts `prefect server start` on 127.0.0.1:4200
-   (its database under PREFECT_HOME, default ./.prefect) when none is set;
+   (its database under PREFECT_HOME, default ./.prefect) when none is set; with --database postgres
+   that server runs on a PostgreSQL server started here too (flows/postgres_server.py);
 2. creates the work pools: `cpu` (process) and `gpu` (process here; Docker or Kubernetes with
    --gpu-pool-type, from the base job templates in deployments/gpu/) with a concurrency limit of 1,
    so one training runs per GPU and further ones queue;
@@ -272,6 +273,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu-concurrency", type=int, default=GPU_CONCURRENCY,
                         help="trainings at once on the gpu pool (one per GPU)")
     parser.add_argument("--no-workers", action="store_true", help="set up pools and deployments only")
+    parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite",
+                        help="the database of the server started here: sqlite (under PREFECT_HOME) or postgres, "
+                             "a PostgreSQL server started here too, data in PREFECT_HOME/postgres "
+                             "(flows/postgres_server.py; for many workers and runs at once, see the README)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="recovery.FIELD=VALUE",
                         help="a recovery setting (heartbeat_s, crashed_after_s, max_resumes, resume_wait_s, "
                              "watch_every_s, debounce_s; see gemma_core/config.py RecoveryConfig)")
@@ -290,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = REPO / ".prefect" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     server: PrefectServer | None = None  # started here when no API is given; stopped last
+    postgres = None  # with --database postgres: its database, stopped after it
     supervisor: WorkerSupervisor | None = None  # the workers: stopped before the server
 
     def on_signal(signum, frame):
@@ -301,9 +307,20 @@ def main(argv: list[str] | None = None) -> int:
         api_url = args.api_url
         if not api_url:
             home = Path(os.environ.get("PREFECT_HOME", REPO / ".prefect"))
-            server = PrefectServer.full(home, logs / "server.log", args.port)
+            if args.database == "postgres":
+                from flows.postgres_server import PostgresServer
+
+                postgres = PostgresServer(home / "postgres", logs / "postgres.log")
+                try:
+                    postgres.start()
+                except RuntimeError as err:  # PostgresNotInstalled included: the message has the fix
+                    print(f"setup_local: {err}", file=sys.stderr)
+                    return 1
+                print(f"PostgreSQL on {postgres.url} (data in {postgres.data_dir}; log {postgres.log_path})")
+            server = PrefectServer.full(home, logs / "server.log", args.port,
+                                        database_url=postgres.prefect_database_url if postgres else None)
             api_url = server.api_url
-            print(f"starting the Prefect server on {api_url} (database under {home}; log {server.log_path})")
+            print(f"starting the Prefect server on {api_url} (database {server.database}; log {server.log_path})")
             try:
                 seconds = server.spawn().wait_healthy()
             except RuntimeError as err:
@@ -357,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop()
             except Exception as err:
                 print(f"could not stop the Prefect server (pid {server.process.pid}): {err}", file=sys.stderr)
+        if postgres is not None:
+            postgres.stop()
 
 
 if __name__ == "__main__":
