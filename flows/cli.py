@@ -9,6 +9,9 @@ comes from a YAML file (--config); the typed config validates both before any wo
   gemma-lora champion  show the champion (the adapter in use), its metrics, lineage and history
   gemma-lora promote   make a run's tuned adapter (or an old champion) the champion, by hand
   gemma-lora rollback  make the previous champion the champion again
+  gemma-lora generate  answer prompts (arguments or JSONL) with the base model, the champion, the last run
+                       or an adapter; JSONL answers
+  gemma-lora chat      talk to the model in the terminal, answers streamed as they are produced
 
 Prefect runs embedded (a temporary local server on SQLite under PREFECT_HOME, default ./.prefect)
 unless PREFECT_API_URL points to a server.
@@ -17,6 +20,7 @@ unless PREFECT_API_URL points to a server.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -24,8 +28,11 @@ import webbrowser
 from pathlib import Path
 from typing import Any
 
+from flows.cli_chat import add_chat_parser, chat_command
+from flows.cli_generate import add_generate_parser, generate_command
 from flows.cli_champion import add_export_options, export_overrides
-from flows.storage import read_latest
+from flows.storage import parameter_for_storage, read_latest
+from gemma_core.redact import RedactingStream, install_log_redaction
 from gemma_core.config import ConfigError, PipelineConfig, load_config
 from gemma_core.formatting import format_fixed
 
@@ -90,18 +97,28 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = commands.add_parser("rollback", help="make the previous champion the champion again")
     _config_options(rollback)
     rollback.add_argument("--name", help="registry name (default: default)")
+    add_generate_parser(commands, _config_options)
+    add_chat_parser(commands, _config_options)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Nothing the command prints or logs carries a credential inside a URL (a --result-storage URL, a
+    # config value): see gemma_core/redact.py.
+    install_log_redaction()
+    with contextlib.redirect_stdout(RedactingStream(sys.stdout)), contextlib.redirect_stderr(RedactingStream(sys.stderr)):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "export":
-        args.overrides += export_overrides(args)
     from flows.quiet import VERBOSE_ENV, filter_stderr
 
     if getattr(args, "verbose", False):
         os.environ[VERBOSE_ENV] = "1"  # for the processes this one starts, too
     filter_stderr()  # before anything imports Keras, TensorFlow or JAX (flows/quiet.py)
+    if args.command == "export":
+        args.overrides += export_overrides(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, ValueError) as err:
@@ -109,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "report":
         return _report(cfg, args)
+    if args.command in ("generate", "chat"):  # plain commands, no Prefect: see flows/cli_generate.py
+        os.environ["KERAS_BACKEND"] = cfg.backend
+        return (generate_command if args.command == "generate" else chat_command)(cfg, args)
     if args.command in ("champion", "promote", "rollback"):
         from flows.cli_champion import registry_command
 
@@ -118,11 +138,13 @@ def main(argv: list[str] | None = None) -> int:
 
     apply_defaults()
     os.environ["KERAS_BACKEND"] = cfg.backend
+    # A URL with a credential goes to the flow through the environment, never as a stored flow-run parameter.
+    result_storage = parameter_for_storage(args.result_storage)
     if args.command == "run":
-        return _run(cfg, args.result_storage)
+        return _run(cfg, result_storage)
     from flows.cli_champion import export
 
-    return export(cfg, args.result_storage, args.run, args.name)
+    return export(cfg, result_storage, args.run, args.name)
 
 
 def _run(cfg: PipelineConfig, result_storage: str | None) -> int:
