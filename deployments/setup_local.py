@@ -57,7 +57,7 @@ DEFAULT_PORT = 4200
 # Workers poll every 10 s by default; 2 s makes a run pressed in the UI start within seconds.
 WORKER_QUERY_SECONDS = "2"
 # Environment values {{ $VAR }} in prefect.yaml, and who provides them.
-DEPLOY_ENV = ("GEMMA_LORA_RETRAIN_CRON", "GEMMA_LORA_WATCH_EVERY", "GEMMA_LORA_DEBOUNCE")  # `prefect deploy`
+DEPLOY_ENV = ("GEMMA_LORA_RETRAIN_CRON", "GEMMA_LORA_DEBOUNCE")  # read by `prefect deploy`
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 RUN_ENV = ("GEMMA_LORA_CHECKOUT",)  # read where each flow run starts (its pull step)
 
@@ -244,8 +244,7 @@ def apply_deployments(api_url: str, cron: str = DEFAULT_CRON, env: dict[str, str
     env = dict(env if env is not None else base_env(api_url))
     env["PREFECT_API_URL"] = api_url
     env["GEMMA_LORA_RETRAIN_CRON"] = cron
-    # ISO 8601 durations: a {{ $VAR }} value is a string, and Prefect reads a string duration only in that form
-    env["GEMMA_LORA_WATCH_EVERY"] = f"PT{recovery.watch_every_s}S"
+    # an ISO 8601 duration: a {{ $VAR }} value is a string, and Prefect reads a string duration only in that form
     env["GEMMA_LORA_DEBOUNCE"] = f"PT{recovery.debounce_s}S"
     for var in RUN_ENV:  # set here, `prefect deploy` would bake this machine's value into the pull step
         env.pop(var, None)
@@ -255,7 +254,20 @@ def apply_deployments(api_url: str, cron: str = DEFAULT_CRON, env: dict[str, str
     )
     if done.returncode != 0:
         raise RuntimeError(f"prefect deploy failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    set_watch_interval(api_url, recovery.watch_every_s)
     return done.stdout
+
+
+def set_watch_interval(api_url: str, seconds: int) -> None:
+    """The data watch's interval schedule (prefect.yaml holds the default)."""
+    import httpx
+
+    with httpx.Client(base_url=api_url, timeout=30) as client:
+        deployment = client.get(f"/deployments/name/{WATCH_DEPLOYMENT}").raise_for_status().json()
+        for schedule in deployment["schedules"]:
+            if "interval" in schedule["schedule"] and schedule["schedule"]["interval"] != seconds:
+                body = {"schedule": {**schedule["schedule"], "interval": seconds}, "active": schedule["active"]}
+                client.patch(f"/deployments/{deployment['id']}/schedules/{schedule['id']}", json=body).raise_for_status()
 
 
 # --- the command ---------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def test_trigger_and_watch_schedule_are_declared_in_prefect_yaml():
     assert trigger["expect"] == ["gemma-lora.data.changed"] and trigger["posture"] == "Reactive"
     assert trigger["within"] == "{{ $GEMMA_LORA_DEBOUNCE }}"
     watch = by_entrypoint["flows/watch_data.py:watch_data"]
-    assert watch["schedules"][0]["interval"] == "{{ $GEMMA_LORA_WATCH_EVERY }}"
+    assert watch["schedules"][0]["interval"] == RecoveryConfig().watch_every_s  # setup_local sets other values
     assert "gemma-lora" in watch["tags"] and watch["work_pool"]["name"] == setup_local.CPU_POOL
     from flows.watch_data import DATA_CHANGED, PIPELINE_DEPLOYMENT
 
