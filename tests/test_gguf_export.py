@@ -287,3 +287,26 @@ def test_gguf_export_cli_writes_the_last_runs_model_as_gguf(tiny_preset, tiny_ru
     assert main(argv) == 0  # cached: the same paths, the file untouched
     assert Path(dict(l.split(maxsplit=1) for l in capsys.readouterr().out.splitlines() if l.strip())["gguf"]) == gguf_path
     assert gguf_path.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_gguf_export_of_the_untuned_270m_equals_the_embedded_conversion(gemma3_270m, tmp_path):
+    """The embedded 270M, exported as f32 without an adapter, converts (gguf_convert: config, tokenizer,
+    weights) to exactly what the embedded GGUF converts to: the preset the project loads."""
+    import gguf
+
+    from gemma_core.gguf_convert import dequantized_weights, hf_config_from_gguf, sentencepiece_proto_from_gguf
+    from gemma_core.preset_cache import embedded_gguf_path
+
+    ours = gguf.GGUFReader(str(write_gguf(gemma3_270m, tmp_path / "base-f32.gguf", "f32")))
+    embedded = gguf.GGUFReader(str(embedded_gguf_path()))
+    config = hf_config_from_gguf(embedded)
+    assert hf_config_from_gguf(ours) == config
+    assert sentencepiece_proto_from_gguf(ours) == sentencepiece_proto_from_gguf(embedded)
+    layers = config["num_hidden_layers"]
+    for (name, mine), (same_name, theirs) in zip(dequantized_weights(ours, layers), dequantized_weights(embedded, layers)):
+        assert name == same_name
+        if name.endswith("norm.weight"):  # (w + 1) - 1 + 1 - 1 in float32: equal to the last bit or one ulp of 1
+            np.testing.assert_allclose(mine, theirs, rtol=0, atol=2.5e-7, err_msg=name)
+        else:
+            np.testing.assert_array_equal(mine, theirs, err_msg=name)
