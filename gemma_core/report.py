@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence, Union
 
 from gemma_core.atomic import atomic_write_bytes, atomic_write_text
 from gemma_core.redact import redact
+from gemma_core.endings import ended_by
 from gemma_core.formatting import finite_or_none, format_metric, json_safe, truncate
 
 # metric key -> (label, which direction is better: +1 higher, -1 lower, 0 neither)
@@ -91,6 +92,7 @@ def prompt_rows(base_eval: dict[str, Any], tuned_eval: dict[str, Any]) -> list[d
             "base_answer": b["answer"], "tuned_answer": t["answer"],
             "base_rouge_l": round(float(b["rouge_l_f1"]), 4), "tuned_rouge_l": round(float(t["rouge_l_f1"]), 4),
             "base_ended": bool(b["ended_with_eos"]), "tuned_ended": bool(t["ended_with_eos"]),
+            "base_ended_by": ended_by(b), "tuned_ended_by": ended_by(t),
             "base_tokens": int(b["new_tokens"]), "tuned_tokens": int(t["new_tokens"]),
         })
     return rows

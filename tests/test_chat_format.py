@@ -207,6 +207,8 @@ def test_chat_format_evaluation_rows_record_what_ended_each_answer_and_old_rows_
                                                                   "eval_split": "held_out.jsonl"}}
     report = build_report(base, tuned, {"losses": [2.0, 1.5]}, manifest, num_side_by_side=1)
     assert report.metrics["overall"]["end_of_turn_rate"] == {"base": 0.0, "tuned": 0.5, "change": 0.5}
+    assert [(r["base_ended_by"], r["tuned_ended_by"]) for r in report.metrics["prompts"]][:3] == [
+        ("eos", "end_of_turn"), ("eos", "end_of_turn"), ("eos", "eos")]
     md = render_markdown(report, "curve.png")
     assert "end-of-turn rate" in md and "end-of-sequence rate" in md and "`gemma_chat`" in md
 
