@@ -72,7 +72,12 @@ def check_quant(quant: str) -> str:
 
 
 def merged_backbone(backbone):
-    """``backbone`` itself when no layer has LoRA, else a copy with every adapter folded into its kernel."""
+    """``backbone`` itself when no layer has LoRA, else a copy with every adapter folded into its kernel.
+
+    The copy is filled layer by layer through Keras' own (de)serialisation, the path ``save_to_preset``
+    takes, so the merge is Keras' (``kernel + A @ B * alpha / rank``) and the tuned model is untouched.
+    ``_flatten_layers`` is how Keras itself walks nested layers for saving; there is no public walk.
+    """
     layers = list(backbone._flatten_layers(include_self=False))
     if not any(getattr(layer, "lora_enabled", False) for layer in layers):
         return backbone
@@ -278,7 +283,7 @@ def modelfile_text(gguf_name: str, generation, prompt_format: str = "gemma_chat"
         params.append(("temperature", generation.temperature))
         params.append(("top_k", generation.top_k if generation.sampler == "top_k" else 0))
         params.append(("top_p", generation.top_p if generation.sampler == "top_p" else 1.0))
-    lines = [f"# Ollama Modelfile written by gemma-lora export (sampler: the config's generation.{generation.sampler})",
+    lines = [f"# Ollama Modelfile written by gemma-lora export (the config's generation.sampler: {generation.sampler})",
              f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
     lines += [f"PARAMETER {key} {value}" for key, value in params]
     return "\n".join(lines) + "\n"
