@@ -90,11 +90,9 @@ def flow_run_process(stack: Stack, pool: str, run_id: str) -> psutil.Process | N
     return None
 
 
-def train_dir_of(stack: Stack, child_run: dict) -> Path:
-    """The training directory of a training flow run (where its checkpoints and log are)."""
-    root = Path(child_run["parameters"]["config"]["output"]["root"])
-    dirs = [d for d in (root / "train").glob("train-*") if (d / "checkpoints").is_dir()]
-    return max(dirs, key=lambda d: d.stat().st_mtime)
+def train_dirs(child_run: dict) -> set[Path]:
+    """The training directories under a training flow run's output root."""
+    return set((Path(child_run["parameters"]["config"]["output"]["root"]) / "train").glob("train-*"))
 
 
 def newest_checkpoint(train_dir: Path) -> int:
@@ -129,25 +127,27 @@ def read_adapter(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def start_pipeline(stack: Stack, tiny_preset: Path, learning_rate: float) -> tuple[dict, dict]:
-    """A pipeline run pressed in the UI with a long training; returns it and its training run."""
+def start_pipeline(stack: Stack, tiny_preset: Path, learning_rate: float) -> tuple[dict, dict, set[Path]]:
+    """A pipeline run pressed in the UI with a long training; returns it, its training run and the training
+    directories that were there before it (each test trains a new learning rate, so in a new one)."""
     pipeline = stack.deployment(setup_local.PIPELINE_DEPLOYMENT)
     params = tiny_parameters(tiny_preset, stack.root, learning_rate)
     for key, value in LONG_TRAINING.items():
         section, _, name = key.partition("__")
         params["config"][section][name] = value
+    before = set((Path(params["config"]["output"]["root"]) / "train").glob("train-*"))
     response = stack.run_from_ui(pipeline["id"], params)
     assert response.status_code == 201, response.text
     run = response.json()
-    return run, stack.wait_child(run["id"])
+    return run, stack.wait_child(run["id"]), before
 
 
-def kill_after_checkpoint(stack: Stack, child: dict, with_worker: bool = False) -> dict:
+def kill_after_checkpoint(stack: Stack, child: dict, before: set[Path], with_worker: bool = False) -> dict:
     """SIGKILL the training run's process (``with_worker``: its worker first, so that nobody is left to
     report it) once a checkpoint is on disk; what was done at that moment."""
     pool = setup_local.GPU_POOL
     process = wait_for("the training run's process", lambda: flow_run_process(stack, pool, child["id"]), 120, stack)
-    train_dir = wait_for("a training directory", lambda: _train_dir_or_none(stack, child), 180, stack)
+    train_dir = wait_for("its training directory", lambda: next(iter(train_dirs(child) - before), None), 180, stack)
     wait_for("the first checkpoint", lambda: newest_checkpoint(train_dir) >= CHECKPOINT_EVERY, 180, stack, every=0.05)
     if with_worker:
         worker = stack.supervisor.workers[pool]
@@ -159,13 +159,6 @@ def kill_after_checkpoint(stack: Stack, child: dict, with_worker: bool = False) 
     process.wait(30)
     return {"killed_at": killed_at, "train_dir": train_dir, "steps_done": logged_steps(train_dir),
             "checkpoint": newest_checkpoint(train_dir)}
-
-
-def _train_dir_or_none(stack: Stack, child: dict) -> Path | None:
-    try:
-        return train_dir_of(stack, stack.flow_run(child["id"]))
-    except ValueError:
-        return None
 
 
 def reference_adapter(stack: Stack, child: dict, out_root: Path) -> dict[str, np.ndarray]:
@@ -286,8 +279,8 @@ class WatchDriver:
 
 def test_crash_of_a_killed_training_process_is_resumed_from_its_checkpoint(healing, tiny_preset, tmp_path):
     stack = healing
-    run, child = start_pipeline(stack, tiny_preset, 3e-3)
-    kill = kill_after_checkpoint(stack, child)
+    run, child, before = start_pipeline(stack, tiny_preset, 3e-3)
+    kill = kill_after_checkpoint(stack, child, before)
     crashed = wait_for("Crashed", lambda: next((s for s in states(stack, child["id"]) if s["type"] == "CRASHED"), None),
                        60, stack)
     resumed = wait_for("the resumed attempt", lambda: [s for s in states(stack, child["id"])
@@ -310,9 +303,9 @@ def test_crash_of_a_killed_training_process_is_resumed_from_its_checkpoint(heali
 
 def test_zombie_of_a_killed_worker_frees_the_gpu_slot_and_resumes(healing, tiny_preset, tmp_path):
     stack = healing
-    run, child = start_pipeline(stack, tiny_preset, 4e-3)
+    run, child, before = start_pipeline(stack, tiny_preset, 4e-3)
     worker = stack.supervisor.workers[setup_local.GPU_POOL]
-    kill = kill_after_checkpoint(stack, child, with_worker=True)
+    kill = kill_after_checkpoint(stack, child, before, with_worker=True)
     time.sleep(5)
     assert stack.flow_run(child["id"])["state"]["type"] == "RUNNING"  # nobody is left to say it died
 
