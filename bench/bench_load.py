@@ -63,7 +63,8 @@ def main() -> int:
                 failed = [(r["name"], r["state"]["name"], (r["state"]["message"] or "")[:200])
                           for r in result.runs if r["state"]["type"] != "COMPLETED"]
                 results[database] = figures
-                details[database] = {"failed": failed, "create_errors": result.create_errors[:5]}
+                details[database] = {"failed": failed, "create_errors": result.create_errors[:5],
+                                     "server_errors": result.server_error_lines[:10]}
             finally:
                 load.close()
             print(f"{database}: {json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()})}",

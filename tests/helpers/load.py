@@ -95,6 +95,7 @@ class LoadResult:
     create_errors: list[str]
     server_errors: int
     client_retries: int
+    server_error_lines: list[str] = field(default_factory=list)  # each error line and the 8 after it
 
     def completed(self) -> list[dict]:
         return [r for r in self.runs if r["state"]["type"] == "COMPLETED"]
@@ -149,11 +150,13 @@ def run_load(load: LoadStack, preset: Path, runs: int = RUNS) -> LoadResult:
     trainings = stack.post("/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": ids}}, "limit": 200})
     states = {r["id"]: stack.stage_states(r["id"]) for r in found}
     server_log = stack.server.log_text()
+    log_lines = server_log.splitlines()
+    error_lines = ["\n".join(log_lines[i:i + 9]) for i, line in enumerate(log_lines) if SERVER_ERROR.search(line)]
     worker_logs = "".join(path.read_text(errors="replace") for name, path in stack.logs.items()
                           if name.startswith("worker") and path.exists())
     return LoadResult(runs=found, trainings=trainings, stage_states=states, seconds=seconds,
                       create_errors=create_errors, server_errors=len(SERVER_ERROR.findall(server_log)),
-                      client_retries=len(CLIENT_RETRY.findall(worker_logs)))
+                      client_retries=len(CLIENT_RETRY.findall(worker_logs)), server_error_lines=error_lines[:20])
 
 
 def max_concurrent(intervals: list[tuple[dt.datetime, dt.datetime]]) -> int:
