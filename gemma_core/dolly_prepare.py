@@ -86,6 +86,7 @@ def format_dolly_to_parquet(cfg: DataConfig, out_root: str | Path, model_spec: s
             _remove_tree(out_dir)
 
     clean, dropped = _templated_records(raw, cfg)
+    eval_dropped: dict[str, int] | None = None
     if held_out is None:
         train, evaluation = stratified_split(clean, cfg.eval_fraction, cfg.seed)
     else:
@@ -115,7 +116,7 @@ def format_dolly_to_parquet(cfg: DataConfig, out_root: str | Path, model_spec: s
             "adjust data.eval_fraction"
         )
 
-    metadata = _metadata(raw, held_out, cfg, content_hash, train, evaluation, dropped)
+    metadata = _metadata(raw, held_out, cfg, content_hash, train, evaluation, dropped, eval_dropped)
     with atomic_directory(out_dir) as tmp:
         _write_parquet(train, tmp / "train.parquet", metadata)
         _write_parquet(evaluation, tmp / "eval.parquet", metadata)
@@ -220,7 +221,7 @@ def _round_robin(parts: list[pd.DataFrame]) -> pd.DataFrame:
 
 def _metadata(
     raw: DollySource, held_out: DollySource | None, cfg: DataConfig, content_hash: str,
-    train: pd.DataFrame, evaluation: pd.DataFrame, dropped: dict[str, int],
+    train: pd.DataFrame, evaluation: pd.DataFrame, dropped: dict[str, int], eval_dropped: dict[str, int] | None,
 ) -> dict[str, Any]:
     return {
         "source": raw.source,
@@ -232,7 +233,8 @@ def _metadata(
         "eval_split": f"data.eval_source ({held_out.source})" if held_out else
                       f"data.eval_fraction={cfg.eval_fraction} of data.source, per category",
         "eval_source": None if held_out is None else
-                       {"source": held_out.source, "sha256": held_out.sha256, "license": held_out.license},
+                       {"source": held_out.source, "sha256": held_out.sha256, "license": held_out.license,
+                        "dropped": eval_dropped},
         "content_hash": content_hash,
         "config_hash": sha256_bytes(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())[:16],
         "format_version": FORMAT_VERSION,

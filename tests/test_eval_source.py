@@ -38,7 +38,8 @@ def test_eval_source_is_the_whole_eval_split_and_the_training_source_is_not_cut(
     assert own.eval_source == str(held_out) and sliced.eval_source is None
     manifest = read_manifest(own.train_path.parent)
     assert manifest["eval_source"] == {"source": str(held_out), "sha256": sha256_file(held_out),
-                                       "license": manifest["eval_source"]["license"]}
+                                       "license": manifest["eval_source"]["license"],
+                                       "dropped": dict.fromkeys(manifest["eval_source"]["dropped"], 0)}
     assert manifest["eval_split"] == f"data.eval_source ({held_out})"
     assert read_manifest(sliced.train_path.parent)["eval_split"].startswith("data.eval_fraction=0.1")
     assert (evaluation["prompt"].str.startswith("Instruction:\nHeld-out") | evaluation["prompt"].str.startswith(
