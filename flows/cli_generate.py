@@ -5,8 +5,9 @@ Prompts come as arguments (``gemma-lora generate "Name a colour." "Name a city."
 file in Dolly's schema (``--prompts file.jsonl``: ``instruction``, optional ``context``; every other
 field is carried through to the output). Each output line is the input row plus ``answer``,
 ``ended`` and ``ended_by`` (the stop token, eos or end_of_turn, that ended it before
-``generation.max_new_tokens``), ``new_tokens``, ``model`` and ``prompt_format``; to stdout, or to ``--output FILE`` (written to a temp file, then renamed;
-an existing file is refused unless ``--overwrite``). The sampler and its settings are the config's
+``generation.max_new_tokens``), ``new_tokens``, ``model`` and ``prompt_format``; to stdout, or to
+``--output FILE`` (written to a temp file, then renamed; an existing file is refused unless
+``--overwrite``). The sampler and its settings are the config's
 ``generation.*`` fields (``--set generation.sampler=top_k``); answers are batched by
 :func:`gemma_core.generation.generate_answers`, as in evaluation.
 
@@ -111,9 +112,6 @@ def check_output(path: str | None, overwrite: bool) -> Path | None:
 def generate_command(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from flows.cli_champion import CommandError
     from flows.model_choice import choose_model, given_fields, load_choice
-    from gemma_core.adapter_file import AdapterMismatchError
-    from gemma_core.models import ModelResolutionError
-    from gemma_core.prompts import PromptFormatMismatchError
     from gemma_core.registry import RegistryError
 
     try:
@@ -131,8 +129,9 @@ def generate_command(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         print(f"gemma-lora: answering {len(rows)} prompt{'s' * (len(rows) != 1)} with {choice.what} "
               f"({choice.prompt_format} format)", file=sys.stderr)
         model = load_choice(choice)
-    except (InputError, CommandError, RegistryError, AdapterMismatchError, ModelResolutionError,
-            PromptFormatMismatchError) as err:
+    # Bad input, each named in its message: InputError, AdapterMismatchError, ModelResolutionError,
+    # PromptFormatMismatchError and a LoRA config that matches no layer are all ValueErrors.
+    except (ValueError, CommandError, RegistryError) as err:
         print(f"gemma-lora: {err}", file=sys.stderr)
         return USAGE_ERROR
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in answer_rows(model, rows, choice, cfg))

@@ -111,7 +111,8 @@ def _adapter_path(cfg: PipelineConfig, path: Path, given_as: str, given: set[str
     base = f"model.spec {spec}"
     if "model.spec" not in given and run_model.get("preset_dir") and identity.get("model_id") in (
             None, run_model.get("model_hash")):
-        spec, cache_dir, base = run_model["preset_dir"], run_model.get("cache_dir"), f"the last run's {run_model['spec']}"
+        spec, cache_dir = run_model["preset_dir"], run_model.get("cache_dir")
+        base = f"the last run's {run_model['spec']}"
     recorded = {"rank": identity["lora_rank"], "target_layer_names": identity.get("lora_targets") or None} \
         if "lora_rank" in identity else None
     lora = _lora(cfg, recorded, file, given)
@@ -145,7 +146,8 @@ def _lora(cfg: PipelineConfig, recorded: dict[str, Any] | None, adapter: Path, g
     rank = read_adapter_file(adapter).rank
     if "lora.rank" in given and cfg.lora.rank != rank:
         raise CommandError(f"lora.rank={cfg.lora.rank} was given, but adapter {adapter} has rank {rank}: drop "
-                           f"--set lora.rank (the adapter's own rank is used) or pass an adapter of rank {cfg.lora.rank}")
+                           "--set lora.rank (the adapter's own rank is used) or pass an adapter of rank "
+                           f"{cfg.lora.rank}")
     if recorded is not None and int(recorded.get("rank", rank)) != rank:
         raise CommandError(f"adapter {adapter} has rank {rank}, but its record says rank {recorded['rank']}: the "
                            "file was replaced; train it again or pass the adapter of that record")

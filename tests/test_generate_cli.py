@@ -250,6 +250,17 @@ def test_generate_cli_streaming_decoder_matches_batched_greedy(tiny_model):
         next(decoder.stream(list(range(120)), 12))
 
 
+def test_generate_cli_streaming_refuses_what_it_cannot_stream():
+    from types import SimpleNamespace
+
+    from gemma_core.generation import make_sampler
+    from gemma_core.streaming import StreamingDecoder
+
+    with pytest.raises(ValueError, match="streaming runs a Gemma3CausalLM on the JAX backend; this is "
+                                         "SimpleNamespace on 'jax': use --set backend=jax"):
+        StreamingDecoder(SimpleNamespace(), make_sampler(GenerationConfig()), (1,), cache_length=64)
+
+
 def test_generate_cli_chat_history_drops_the_oldest_exchange(tiny_model):
     import gemma_core.chat as chat_module
     from gemma_core.chat import ChatHistory, MessageTooLong
