@@ -13,9 +13,7 @@ newest checkpoint).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, pause_flow_run
@@ -24,10 +22,10 @@ from prefect.input import RunInput
 from prefect.runtime import flow_run
 
 from flows.stages import start_flow
-from flows.storage import LATEST
+from flows.storage import write_latest
 from flows.training import train_points
-from gemma_core.atomic import atomic_write_text
 from gemma_core.config import PipelineConfig
+from gemma_core.redact import redact_text
 from gemma_core.sweep import sweep_points
 from tasks.artifacts import publish_decision, publish_report
 from tasks.data import prepare_data, source_fingerprint
@@ -115,7 +113,7 @@ def gemma_lora_pipeline(
             "train": challenger_train.model_dump(mode="json"),
             "report": report.model_dump(mode="json"),
         },
-        "result_storage": run.result_storage,
+        "result_storage": redact_text(run.result_storage),  # the flow's result and latest.json hold no credential
         "config": config_json,
     }
     promotion = _promote_if_allowed(found, gate, challenger_train, challenger, model, data, report, config_json,
@@ -181,4 +179,4 @@ def _running_again() -> None:
 
 
 def _write_latest(out_root: str, summary: dict[str, Any]) -> None:
-    atomic_write_text(Path(out_root) / LATEST, json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    write_latest(out_root, summary)

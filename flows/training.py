@@ -14,6 +14,7 @@ from uuid import UUID
 from prefect import flow
 
 from flows.stages import StageRunner, start_flow
+from flows.storage import storage_for_child_runs
 from gemma_core.config import validate_config
 from tasks.results import DataResult, ModelResult, TrainOutput
 from tasks.stages import TRAIN_LORA
@@ -78,7 +79,7 @@ def run_training(
     from prefect.utilities.urls import url_for
 
     parameters = {"config": config, "data": data.model_dump(mode="json"), "model": model.model_dump(mode="json"),
-                  "result_storage": result_storage}
+                  "result_storage": storage_for_child_runs(result_storage)}
     child = run_deployment(deployment, parameters=parameters, timeout=0)
     label = f"training run {child.name!r} of deployment {deployment!r} ({url_for(child) or f'flow run {child.id}'})"
     resume_wait_s = validate_config(config).recovery.resume_wait_s

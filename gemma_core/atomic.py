@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -201,10 +202,13 @@ def remove_leftovers(directory: str | os.PathLike, *, any_writer: bool = False) 
     subdirectories too, not inside a temporary directory); returns what was removed, each logged.
 
     Only entries named like this module's temporaries count, and only those whose writer (the host
-    and pid in the name) no longer runs on this host. ``any_writer=True`` removes every temporary,
-    whoever wrote it, and also those of the older unnamed form ``.{target}.{random}.tmp``: only for
-    a caller that holds the lock every writer of ``directory`` holds (the training lock), so no live
-    writer can be in there.
+    and pid in the name) no longer runs on this host. A directory with a hidden lock file that a
+    live process holds (the training lock ``.train.lock``, the registry's ``.lock``) is left alone,
+    with what is below it: its holder sweeps it.
+
+    ``any_writer=True`` is for that holder: it removes every temporary, whoever wrote it (another
+    host's, the older unnamed ``.{target}.{random}.tmp``), and ignores the locks; only for a caller
+    that holds the lock every writer of ``directory`` holds, so that no live writer can be in there.
 
     >>> import tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp()); (d / ".x.json.otherhost-1.abc.tmp").touch()
@@ -217,6 +221,11 @@ def remove_leftovers(directory: str | os.PathLike, *, any_writer: bool = False) 
         return removed
     for current, dirnames, filenames in os.walk(root):
         here = Path(current)
+        if not any_writer and any(_lock_held(here / name) for name in filenames
+                                  if name.startswith(".") and name.endswith("lock")):
+            log.debug("not sweeping %s: its lock is held by a live process", here)
+            dirnames[:] = []
+            continue
         for name in [*dirnames, *filenames]:
             if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
                 continue
@@ -244,3 +253,20 @@ def remove_leftovers(directory: str | os.PathLike, *, any_writer: bool = False) 
         # never walk into a temporary directory (removed above, or a live writer's)
         dirnames[:] = [d for d in dirnames if not (d.startswith(".") and d.endswith(TEMP_SUFFIX))]
     return removed
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether a process holds a ``flock`` on ``path`` (filelock's FileLock is one on POSIX; the kernel
+    drops it when its process dies, SIGKILL included). Probing takes the lock for an instant: a
+    writer that asks for it meanwhile waits that instant."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+    return False

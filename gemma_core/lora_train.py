@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import filelock
 import keras
 
-from gemma_core.atomic import atomic_write_text
+from gemma_core.atomic import atomic_write_text, remove_leftovers
 from gemma_core.batching import TrainingSchedule, step_arrays
 from gemma_core.checkpoints import latest_valid_checkpoint, restore_optimizer, save_checkpoint, write_adapter_manifest
 from gemma_core.config import LoraConfig, TrainConfig
@@ -213,6 +213,7 @@ def _one_trainer(out_dir: Path):
         log.warning("another process is training in %s; waiting for it to finish", out_dir)
         lock.acquire()
     try:
+        remove_leftovers(out_dir, any_writer=True)  # under the lock: only a killed trainer's temporaries
         yield
     finally:
         lock.release()

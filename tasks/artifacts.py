@@ -1,6 +1,7 @@
 """The report's Prefect artifacts: a Markdown report under a stable key (the UI keeps its history
 across runs) and a table with one row per held-out prompt. Progress artifacts are created by the
-long stages themselves (:class:`tasks.runtime.Progress`)."""
+long stages themselves (:class:`tasks.runtime.Progress`). What goes into an artifact is redacted
+(:mod:`gemma_core.redact`): the report's config section holds every config value."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from typing import Any
 
 from gemma_core.formatting import format_fixed, truncate
+from gemma_core.redact import redact, redact_text
 from tasks.results import ReportResult
 
 REPORT_KEY = "gemma-lora-report"
@@ -43,8 +45,8 @@ def publish_report(report: ReportResult) -> dict[str, str]:
         f"{metrics['answers_changed']} of {metrics['num_prompts']} answers changed"
     )
     return {
-        "report": str(create_markdown_artifact(markdown, key=REPORT_KEY, description=summary)),
-        "prompts": str(create_table_artifact(rows, key=PROMPTS_KEY, description="one row per held-out prompt")),
+        "report": str(create_markdown_artifact(redact_text(markdown), key=REPORT_KEY, description=summary)),
+        "prompts": str(create_table_artifact(redact(rows), key=PROMPTS_KEY, description="one row per held-out prompt")),
     }
 
 
@@ -63,13 +65,13 @@ def publish_decision(gate: dict[str, Any] | None, leaderboard: list[dict[str, An
     ids = {}
     if gate is not None:
         page = markdown_sections([gate_section(gate)])
-        ids["gate"] = str(create_markdown_artifact(f"{page}\n\n**Outcome:** {outcome}\n", key=GATE_KEY,
-                                                   description=outcome))
+        ids["gate"] = str(create_markdown_artifact(redact_text(f"{page}\n\n**Outcome:** {outcome}\n"), key=GATE_KEY,
+                                                   description=redact_text(outcome)))
     if len(leaderboard) > 1:
         rows = [{"point": p["label"], **{k: p["overall"].get(k) for k in ("completion_loss", "rouge_l_f1", "eos_rate")},
                  "training s": p.get("train_seconds"), "role": p.get("role", ""),
                  **{f"loss {c}": v.get("completion_loss") for c, v in sorted(p.get("per_category", {}).items())}}
                 for p in leaderboard]
-        ids["leaderboard"] = str(create_table_artifact(rows, key=LEADERBOARD_KEY,
+        ids["leaderboard"] = str(create_table_artifact(redact(rows), key=LEADERBOARD_KEY,
                                                        description="every sweep point; the challenger met the gate"))
     return ids
