@@ -68,7 +68,7 @@ def hidden_temporaries(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob(f".*{TEMP_SUFFIX}"))
 
 
-def test_leftovers_of_killed_writers_are_removed_and_a_live_writers_are_kept(tmp_path, caplog):
+def test_leftovers_of_crashed_writers_are_removed_and_a_live_writers_are_kept(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="gemma_core.atomic")
     root = tmp_path / "runs"
     dead = [killed_writer("dir", root / "data" / "data-abc"), killed_writer("file", root / "eval" / "e1" / "eval.json"),
@@ -85,7 +85,7 @@ def test_leftovers_of_killed_writers_are_removed_and_a_live_writers_are_kept(tmp
     assert hidden_temporaries(root) == []
 
 
-def test_leftover_rules_other_host_reused_pid_and_unnamed(tmp_path):
+def test_leftover_rules_after_a_crash_other_host_reused_pid_and_unnamed(tmp_path):
     other_host = tmp_path / ".x.json.some_other_host-12.abc123.tmp"
     unnamed = tmp_path / ".x.json.k2j3h4.tmp"  # the form written before temporaries named their writer
     reused_pid = tmp_path / f".y.json.{_this_host()}-1.abc123.tmp"  # pid 1 lives, but started after this was written
@@ -106,7 +106,7 @@ def _this_host() -> str:
     return atomic._HOST
 
 
-def test_leftovers_in_a_directory_whose_training_lock_is_held_stay(tmp_path):
+def test_crash_leftovers_in_a_directory_whose_training_lock_is_held_stay(tmp_path):
     from gemma_core.lora_train import TRAIN_LOCK, _one_trainer
 
     root = tmp_path / "runs"
@@ -126,7 +126,7 @@ def test_leftovers_in_a_directory_whose_training_lock_is_held_stay(tmp_path):
 
 
 @pytest.mark.slow
-def test_leftovers_are_gone_after_the_next_run_of_the_pipeline(tiny_preset, tmp_path):
+def test_crash_leftovers_are_gone_after_the_next_run_of_the_pipeline(tiny_preset, tmp_path):
     """The stages' next run sweeps the output root (flows/stages.start_flow); a locked training dir stays."""
     from gemma_core.lora_train import TRAIN_LOCK
     from tests.helpers.in_process import run_pipeline

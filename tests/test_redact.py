@@ -145,7 +145,7 @@ def test_redact_storage_parameter_is_refused_and_passed_by_environment(monkeypat
                                result_storage_location, storage_for_child_runs)
 
     url = f"s3://key:{SECRET}@bucket/prefix"
-    monkeypatch.delenv(RESULT_STORAGE_ENV, raising=False)
+    monkeypatch.setenv(RESULT_STORAGE_ENV, "")  # restored after the test, whatever the call below sets
     assert parameter_for_storage("s3://bucket/prefix") == "s3://bucket/prefix"
     assert parameter_for_storage(url) is None
     # the flow finds it, intact, where the CLI put it
@@ -187,7 +187,7 @@ def test_redact_everything_a_pipeline_run_writes(tiny_preset, tmp_path, monkeypa
     root = tmp_path / "runs"
     # memory:// keeps the userinfo in the path: fsspec really writes the results under the URL as given
     url = f"memory://key:{SECRET}@bucket/redact-{tmp_path.name}"
-    monkeypatch.delenv(RESULT_STORAGE_ENV, raising=False)
+    monkeypatch.setenv(RESULT_STORAGE_ENV, "")  # restored after the test, whatever the call below sets
     parameter = parameter_for_storage(url)  # what `gemma-lora run --result-storage URL` does
     assert parameter is None
     caplog.set_level(logging.DEBUG)
