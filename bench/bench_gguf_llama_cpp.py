@@ -199,6 +199,36 @@ def compare(job: dict, llama: dict) -> dict:
     return summary
 
 
+def project_reads_gguf(args) -> int:
+    """``--project-reads QUANT``: the project's own model loaded from the bench's QUANT GGUF (the
+    gguf_convert path: weights dequantized to float32, float32 arithmetic) answers the same prompts. Set
+    against the tuned model and llama.cpp's answers from the same file, it tells the weights' rounding
+    apart from llama.cpp's own arithmetic (which also rounds activations to 8 bits in q8_0 products)."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    sys.path.insert(0, str(REPO))
+    import keras_hub
+
+    from gemma_core.config import PipelineConfig
+    from gemma_core.generation import generate_answers
+    from gemma_core.preset_cache import convert_gguf_to_preset
+
+    work, quant = Path(args.work), args.project_reads
+    job = json.loads((work / "job.json").read_text())
+    llama = json.loads((work / "llama.json").read_text())["quants"][quant]["answers"]
+    preset = convert_gguf_to_preset(Path(job["ggufs"][quant]), work / f"preset-{quant}", work_dir=work)
+    model = keras_hub.models.CausalLM.from_preset(str(preset))
+    answers = [a.text for a in generate_answers(model, job["prompts"], PipelineConfig().generation).answers]
+    same_tuned = sum(a == b for a, b in zip(answers, job["project_answers"]))
+    same_llama = sum(a == b for a, b in zip(answers, llama))
+    out = Path(args.out).with_name(f"gguf_project_reads_{quant}.json")
+    _write_json(out, {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quant": quant,
+                      "identical_to_tuned_model": same_tuned, "identical_to_llama_cpp": same_llama,
+                      "prompts": len(answers), "answers": answers})
+    print(f"{quant} GGUF read by the project: {same_tuned}/{len(answers)} answers identical to the tuned model, "
+          f"{same_llama}/{len(answers)} identical to llama.cpp's from the same file")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", help="a tuned adapter (.lora.h5) of the embedded 270M (default: train one)")
@@ -206,8 +236,12 @@ def main() -> int:
     parser.add_argument("--quants", nargs="+", default=list(QUANTS), choices=("f32", "f16", "bf16", "q8_0"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "gguf_llama_cpp.json"))
+    parser.add_argument("--project-reads", choices=("f32", "f16", "bf16", "q8_0"),
+                        help="after a run: answer with the project's own model loaded from that GGUF in --work")
     parser.add_argument("--llama-side", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.project_reads:
+        return project_reads_gguf(args)
     if args.llama_side:
         llama_side(Path(args.llama_side[0]), Path(args.llama_side[1]))
         return 0
