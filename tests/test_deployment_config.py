@@ -30,9 +30,14 @@ def prefect_yaml() -> dict:
     return yaml.safe_load(PREFECT_FILE.read_text())
 
 
-def deployment(doc: dict, name: str) -> dict:
-    (found,) = [d for d in doc["deployments"] if d["name"] == name]
+def deployment(doc: dict, entrypoint: str) -> dict:
+    """The deployment of a flow (names repeat across flows: the pipeline and the data watch are both `cpu`)."""
+    (found,) = [d for d in doc["deployments"] if d["entrypoint"] == entrypoint]
     return found
+
+
+PIPELINE_ENTRYPOINT = "flows/pipeline.py:gemma_lora_pipeline"
+TRAINING_ENTRYPOINT = "flows/training.py:lora_training_flow"
 
 
 def placeholders(obj) -> set[str]:
@@ -68,7 +73,7 @@ def test_prefect_yaml_pulls_code_from_the_checkout_and_builds_nothing():
 
 def test_pipeline_on_cpu_training_on_gpu_with_a_weekly_utc_schedule():
     doc = prefect_yaml()
-    pipeline, training = deployment(doc, "cpu"), deployment(doc, "gpu")
+    pipeline, training = deployment(doc, PIPELINE_ENTRYPOINT), deployment(doc, TRAINING_ENTRYPOINT)
     assert pipeline["work_pool"]["name"] == setup_local.CPU_POOL == "cpu"
     assert training["work_pool"]["name"] == setup_local.GPU_POOL == "gpu"
     (schedule,) = pipeline["schedules"]
@@ -76,6 +81,7 @@ def test_pipeline_on_cpu_training_on_gpu_with_a_weekly_utc_schedule():
     assert "schedules" not in training  # training runs when the pipeline asks for it
     # the pipeline sends training to the training deployment, by the name the deploy gives it
     assert pipeline["parameters"] == {"training_deployment": setup_local.TRAINING_DEPLOYMENT}
+    assert pipeline["name"] == "cpu" and training["name"] == "gpu"
     assert setup_local.TRAINING_DEPLOYMENT == "lora-training/gpu"
     assert pipeline["enforce_parameter_schema"] is True and training["enforce_parameter_schema"] is True
 
@@ -85,14 +91,18 @@ def test_entrypoints_are_the_projects_flows():
 
     from flows.pipeline import gemma_lora_pipeline
     from flows.training import lora_training_flow
+    from flows.watch_data import watch_data
 
     doc = prefect_yaml()
-    expected = {"cpu": gemma_lora_pipeline, "gpu": lora_training_flow}
-    for name, flow in expected.items():
-        path, func = deployment(doc, name)["entrypoint"].split(":")
-        assert (REPO / path).is_file() and isinstance(flow, Flow) and flow.fn.__name__ == func
-    full_names = {f"{expected[n].name}/{n}" for n in expected}
-    assert full_names == {setup_local.PIPELINE_DEPLOYMENT, setup_local.TRAINING_DEPLOYMENT}
+    flows = {f"flows/{f.fn.__module__.split('.')[-1]}.py:{f.fn.__name__}": f
+             for f in (gemma_lora_pipeline, lora_training_flow, watch_data)}
+    assert {d["entrypoint"] for d in doc["deployments"]} == set(flows)
+    full_names = set()
+    for entrypoint, flow in flows.items():
+        assert (REPO / entrypoint.split(":")[0]).is_file() and isinstance(flow, Flow)
+        full_names.add(f"{flow.name}/{deployment(doc, entrypoint)['name']}")
+    assert full_names == {setup_local.PIPELINE_DEPLOYMENT, setup_local.TRAINING_DEPLOYMENT,
+                          setup_local.WATCH_DEPLOYMENT}
 
 
 def test_default_cron_is_weekly_in_utc():
@@ -323,6 +333,7 @@ def test_a_failed_training_run_fails_the_stage_with_the_runs_link(monkeypatch):
     from prefect.settings import PREFECT_UI_URL, temporary_settings
     from prefect.states import Failed
 
+    import flows.training
     from flows.stages import StageRunner
     from flows.training import TrainingRunFailed, run_training
 
@@ -335,6 +346,8 @@ def test_a_failed_training_run_fails_the_stage_with_the_runs_link(monkeypatch):
         return child
 
     monkeypatch.setattr(prefect.deployments, "run_deployment", fake_run_deployment)
+    # the wait itself (through crashes the automation resumes) is tested on a real server: test_self_healing.py
+    monkeypatch.setattr(flows.training, "wait_through_crashes", lambda run_id, label, poll, wait: child)
     data, model = stage_results()
     config = {"train": {"learning_rate": 1e-3}}
     with temporary_settings(updates={PREFECT_UI_URL: "http://prefect.example:4200"}):
@@ -344,7 +357,7 @@ def test_a_failed_training_run_fails_the_stage_with_the_runs_link(monkeypatch):
     assert f"http://prefect.example:4200/runs/flow-run/{child.id}" in message
     assert "'brave-otter'" in message and "lora-training/gpu" in message and "InjectedFailure" in message
     (call,) = calls
-    assert call["name"] == "lora-training/gpu" and call["timeout"] is None  # waits however long it queues
+    assert call["name"] == "lora-training/gpu" and call["timeout"] == 0  # created here, waited for by the pipeline
     assert call["parameters"]["config"] == config and call["parameters"]["result_storage"] == "/results"
     assert call["parameters"]["data"]["data_hash"] == "d" * 16  # JSON, as the deployment's schema takes it
     json.dumps(call["parameters"])
