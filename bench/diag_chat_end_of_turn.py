@@ -1,7 +1,14 @@
 """Why does the 270M tuned in gemma_chat end with <eos> instead of <end_of_turn>? Teacher-forced look at the
 position where <end_of_turn> is the target, after training with several settings."""
-import os, sys, time, json; os.environ.setdefault("KERAS_BACKEND","jax")
-import gemma_core, keras, keras_hub, numpy as np, tempfile
+import json
+import os
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+import gemma_core  # noqa: F401,E402  (backend defaults before Keras loads)
+import keras_hub  # noqa: E402
+import numpy as np  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path
 from gemma_core.preset_cache import ensure_converted
 from gemma_core.models import default_cache_dir
