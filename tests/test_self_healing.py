@@ -74,20 +74,38 @@ def wait_for(what: str, check, timeout: float, stack: Stack, every: float = 0.2)
     raise AssertionError(f"{what}: not within {timeout:.0f} s\n{stack.describe()}")
 
 
-def flow_run_process(stack: Stack, pool: str, run_id: str) -> psutil.Process | None:
-    """The process a pool's worker started for ``run_id`` (its environment names the run)."""
+class RunProcesses:
+    """Every process a pool's worker started for one flow run (their environment names the run): the
+    worker may run the flow in a process of a process, and the OOM killer takes them all."""
+
+    def __init__(self, procs: list[psutil.Process]):
+        self.procs = procs
+
+    def send_signal(self, sig: int) -> None:
+        for proc in self.procs:
+            try:
+                proc.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+
+    def wait(self, timeout: float) -> None:
+        psutil.wait_procs(self.procs, timeout=timeout)
+
+
+def flow_run_process(stack: Stack, pool: str, run_id: str) -> RunProcesses | None:
     worker = stack.supervisor.workers[pool]
     try:
         children = psutil.Process(worker.pid).children(recursive=True)
     except psutil.Error:
         return None
+    found = []
     for child in children:
         try:
             if child.environ().get("PREFECT__FLOW_RUN_ID") == run_id:
-                return child
+                found.append(child)
         except psutil.Error:
             continue
-    return None
+    return RunProcesses(found) if found else None
 
 
 def train_dirs(child_run: dict) -> set[Path]:
@@ -355,6 +373,17 @@ def test_zombie_of_a_killed_worker_frees_the_gpu_slot_and_resumes(healing, tiny_
     })
 
 
+def history(stack: Stack, run: dict) -> str:
+    """The run's states and the automation actions taken on it, for a failure message."""
+    lines = [f"{s['timestamp']} {s['type']:<10} {s['name']:<14} {(s['message'] or '')[:90]}" for s in states(stack, run["id"])]
+    events = stack.post("/events/filter", {"filter": {"event": {"prefix": ["prefect.automation."]},
+                                                      "occurred": {"since": "2000-01-01T00:00:00Z"}}, "limit": 200})
+    for event in events.get("events", []):
+        if run["id"] in json.dumps(event):
+            lines.append(f"{event['occurred']} {event['event']} {event['resource'].get('prefect.resource.name')}")
+    return "\n".join(sorted(lines))
+
+
 def crash_too_often(stack: Stack, run: dict) -> None:
     """SIGKILL ``run``'s process each time it runs, until it is no longer resumed."""
     kills = []
@@ -371,8 +400,9 @@ def crash_too_often(stack: Stack, run: dict) -> None:
         stack.flow_run(run["id"])), 60, stack)
     assert final["state"]["name"] == "NotResumed", final["state"]
     assert f"Crashed {RECOVERY.max_resumes + 1} times" in final["state"]["message"], final["state"]
-    assert final["run_count"] == RECOVERY.max_resumes + 1
+    assert final["run_count"] == RECOVERY.max_resumes + 1, history(stack, run)
+    RECORD["a run crashing on every attempt"] = {"processes per attempt": len(process.procs)}
     time.sleep(8)
-    assert stack.flow_run(run["id"])["state"]["type"] == "FAILED", "a run given up was started again"
-    RECORD["a run crashing on every attempt"] = {"attempts": len(kills), "final state": final["state"]["name"],
+    assert stack.flow_run(run["id"])["state"]["type"] == "FAILED", f"a run given up was started again:\n{history(stack, run)}"
+    RECORD["a run crashing on every attempt"] |= {"attempts": len(kills), "final state": final["state"]["name"],
                                                  "message": final["state"]["message"][:80]}
