@@ -38,6 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 LLAMA_VENV = REPO / "bench" / ".venv-llama"
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 QUANTS = ("f32", "f16", "q8_0")
+# Also accepted by --quants: q8_0 with token_embd (the tied embedding and output head) in another type,
+# e.g. "q8_0+embd_f16", to measure what that one tensor's rounding costs in llama.cpp.
+EMBEDDING_VARIANT = "+embd_"
 NUM_PROMPTS = 16
 STOP_TOKENS = ("<eos>", "<end_of_turn>")
 
@@ -175,7 +178,9 @@ def project_side(args) -> dict:
     ggufs = {}
     for quant in args.quants:
         started = time.perf_counter()
-        ggufs[quant] = str(write_gguf(model, work / f"model-{quant}.gguf", quant, overwrite=True))
+        base_quant, _, embedding_quant = quant.partition(EMBEDDING_VARIANT)
+        ggufs[quant] = str(write_gguf(model, work / f"model-{quant}.gguf", base_quant, overwrite=True,
+                                      token_embedding_quant=embedding_quant or None))
         timings[f"export_{quant}_seconds"] = time.perf_counter() - started
     return {"prompts": prompts, "project_answers": project_answers, "project_prompt_ids": project_ids,
             "ggufs": ggufs, "adapter": adapter, "max_new_tokens": cfg.generation.max_new_tokens,
@@ -233,7 +238,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", help="a tuned adapter (.lora.h5) of the embedded 270M (default: train one)")
     parser.add_argument("--work", default=str(REPO / "runs" / "bench-gguf"), help="scratch directory")
-    parser.add_argument("--quants", nargs="+", default=list(QUANTS), choices=("f32", "f16", "bf16", "q8_0"))
+    parser.add_argument("--quants", nargs="+", default=list(QUANTS),
+                        choices=("f32", "f16", "bf16", "q8_0", "q8_0+embd_f16", "q8_0+embd_f32"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "gguf_llama_cpp.json"))
     parser.add_argument("--project-reads", choices=("f32", "f16", "bf16", "q8_0"),

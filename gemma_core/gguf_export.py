@@ -10,7 +10,12 @@ The reverse of :mod:`gemma_core.gguf_convert`, through the same name table
 3. metadata as llama.cpp's ``gemma3`` loader reads it, the SentencePiece vocabulary with llama.cpp's
    token types, ``<end_of_turn>`` as end-of-turn token, and Gemma's chat template;
 4. ``f32``, ``f16``, ``bf16`` or ``q8_0`` for the 2-D weights (norms stay f32, as llama.cpp keeps them),
-   written to a temp file in the target directory and renamed.
+   written to a temp file in the target directory and renamed. ``q8_0`` includes ``token_embd``, the
+   embedding tied to the output head, as llama.cpp's own ``llama-quantize`` does for q8_0 (it keeps
+   only 1-D tensors out of q8_0 on Gemma 3). ``token_embedding_quant`` can keep that one tensor in
+   f16 or f32, at 2 or 4 bytes per embedding value instead of about 1 (the embedding is most of a small
+   Gemma's weights); measured in llama.cpp it did not bring q8_0's answers to the tuned model's
+   (bench/RESULTS.md, "GGUF export in llama.cpp"), so it is not the default.
 
 >>> paths = export_gguf_bundle(model, "runs/export/x", quant="q8_0")     # doctest: +SKIP
 >>> sorted(paths)                                                          # doctest: +SKIP
@@ -35,6 +40,8 @@ from gemma_core.gguf_convert import (
 from gemma_core.prompts import END_OF_TURN, START_OF_TURN
 
 GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0")
+# llama.cpp's name for the token embedding, which Gemma ties to the output head (no output.weight).
+TOKEN_EMBEDDING = "token_embd.weight"
 # Gemma 3 270M and 1B were trained for 32k tokens (4B and larger: 128k); a Keras preset does not say.
 DEFAULT_CONTEXT_LENGTH = 32_768
 EOS, END_OF_TURN_STOP = "<eos>", END_OF_TURN
@@ -196,8 +203,12 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
 
 
 def write_gguf(model, path: str | Path, quant: str = "f32", *, name: str = "Gemma 3 (LoRA merged)",
-               context_length: int = DEFAULT_CONTEXT_LENGTH, overwrite: bool = False) -> Path:
+               context_length: int = DEFAULT_CONTEXT_LENGTH, overwrite: bool = False,
+               token_embedding_quant: str | None = None) -> Path:
     """Write ``model`` (a keras-hub Gemma 3 ``CausalLM``, adapters merged) as a llama.cpp GGUF at ``path``.
+
+    ``token_embedding_quant`` (one of GGUF_QUANTS) encodes ``token_embd.weight``, the tied embedding
+    and output head, differently from the other 2-D weights; ``None``: as ``quant``.
 
     The file appears complete or not at all (:func:`gemma_core.atomic.atomic_path`: a temp file in the
     same directory, renamed when complete, removed on any failure).
@@ -205,6 +216,7 @@ def write_gguf(model, path: str | Path, quant: str = "f32", *, name: str = "Gemm
     import gguf
 
     check_quant(quant)
+    embedding_quant = quant if token_embedding_quant is None else check_quant(token_embedding_quant)
     path = Path(path)
     _refuse_existing(path, overwrite)
     backbone, tokenizer = model.backbone, model.preprocessor.tokenizer
@@ -253,7 +265,7 @@ def write_gguf(model, path: str | Path, quant: str = "f32", *, name: str = "Gemm
             norm = is_rms_norm(hf_name)
             if norm:
                 array = array + np.float32(RMS_NORM_OFFSET)
-            data, raw_dtype = _encode(array, quant, norm)
+            data, raw_dtype = _encode(array, embedding_quant if gguf_name == TOKEN_EMBEDDING else quant, norm)
             writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -202,6 +202,25 @@ def test_gguf_export_refuses_a_bad_quant_and_an_existing_target(tuned_tiny, tmp_
     assert target.read_bytes()[:4] == b"GGUF"
 
 
+def test_gguf_export_token_embedding_quant_changes_only_token_embd(tuned_tiny, exported, tmp_path):
+    """The bench's q8_0 variants (bench/RESULTS.md): token_embd, the tied embedding and output head, in
+    another type; every other tensor as in the plain q8_0 file. A bad type is refused like a bad quant."""
+    import gguf
+
+    def types(path):
+        return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+    plain = types(exported["q8_0"][0])
+    assert plain["token_embd.weight"] == "Q8_0"
+    for embedding_quant in ("f16", "f32"):
+        variant = types(write_gguf(tuned_tiny, tmp_path / f"m-{embedding_quant}.gguf", "q8_0",
+                                   token_embedding_quant=embedding_quant))
+        assert variant.pop("token_embd.weight") == embedding_quant.upper()
+        assert variant == {name: kind for name, kind in plain.items() if name != "token_embd.weight"}
+    with pytest.raises(GGUFExportError, match=r"'q4_k'.*f32, f16, bf16, q8_0"):
+        write_gguf(tuned_tiny, tmp_path / "bad.gguf", "q8_0", token_embedding_quant="q4_k")
+
+
 def test_gguf_export_leaves_no_half_written_file(tuned_tiny, tmp_path, monkeypatch):
     import gemma_core.gguf_export as gguf_export
 
