@@ -37,8 +37,9 @@ def test_quiet_gemma_lora_run_shows_no_native_start_up_logging(tiny_preset, tmp_
     seen = [line for line in output.splitlines() if any(text in line for text in NOISE_SEEN) or is_noise(line)]
     assert not seen, seen
 
-    # --verbose: the same (now Cached) run shows the native logging again
-    loud = gemma_lora([*args, "--verbose"], tmp_path)
+    # --verbose shows the native logging again: a run whose evaluations rerun, so that it loads the
+    # model (an all-Cached run never imports Keras, and prints no native line either way)
+    loud = gemma_lora([*args, "--set", "generation.max_new_tokens=5", "--verbose"], tmp_path)
     loud_output = loud.stdout + loud.stderr
     assert loud.returncode == 0, loud_output[-4000:]
     assert "gemma-lora: pipeline finished" in loud.stdout
