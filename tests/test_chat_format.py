@@ -263,6 +263,9 @@ def test_chat_format_checkpoint_and_adapter_are_refused_in_the_other_format(tiny
 # --- the real 270M model ----------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 16, open: the embedded 270M is a base model that gives <end_of_turn> "
+                   "almost no probability, and the default 41 steps of rank-4 LoRA end its answers with <eos> "
+                   "instead (0 of 16 with <end_of_turn>, bench/RESULTS.md); strict, so a fix shows as a pass")
 def test_chat_format_real_model(gemma3_270m_preset, tmp_path):
     """After the default training in gemma_chat, at least 80% of held-out answers end with <end_of_turn>,
     and the held-out loss falls as it does with the instruction template (the same run in that format).
