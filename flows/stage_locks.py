@@ -59,6 +59,7 @@ class FlockLockManager:
                     return True
         deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
         fd = self._open(key)
+        said = False
         while True:
             try:
                 # A separate descriptor per attempt: flocks on two descriptors conflict even within
@@ -66,6 +67,9 @@ class FlockLockManager:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if not said:  # a run that waits says so, once
+                    _logger().info("another run is computing this stage (lock %s): waiting for it", self._path(key))
+                    said = True
                 if deadline is not None and time.monotonic() > deadline:
                     os.close(fd)
                     return False
@@ -122,6 +126,18 @@ class FlockLockManager:
 
     async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
         return await asyncio.to_thread(self.wait_for_lock, key, timeout)
+
+
+def _logger():
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        import logging
+
+        return logging.getLogger(__name__)
 
 
 def stage_lock_manager(out_root: str | Path) -> FlockLockManager:

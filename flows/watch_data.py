@@ -21,6 +21,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from gemma_core.config import DataConfig, validate_config
+from gemma_core.redact import install_log_redaction, redact_text
 from tasks.data import source_fingerprint
 
 DATA_CHANGED = "gemma-lora.data.changed"
@@ -65,6 +66,7 @@ def watch_data(pipeline_deployment: str | None = PIPELINE_DEPLOYMENT,
     from prefect.events import emit_event
     from prefect.variables import Variable
 
+    install_log_redaction()  # a source URL's credential never reaches the run's logs
     log = get_run_logger()
     cfg = validate_config(config if config is not None else _deployment_config(pipeline_deployment))
     key = watched_key(cfg.data)
@@ -75,18 +77,18 @@ def watch_data(pipeline_deployment: str | None = PIPELINE_DEPLOYMENT,
     if fingerprint.startswith("missing:"):
         log.warning("the data source %s is missing; nothing to compare (fix data.source of %s)",
                     cfg.data.source, pipeline_deployment or "the config")
-        return {"source": cfg.data.source, "fingerprint": fingerprint, "changed": False}
+        return {"source": redact_text(cfg.data.source), "fingerprint": fingerprint, "changed": False}
     if changed:
         emit_event(event=DATA_CHANGED,
                    resource={"prefect.resource.id": f"gemma-lora.data.{key.removeprefix(VARIABLE_PREFIX)}",
-                             "prefect.resource.name": cfg.data.source},
-                   payload={"source": cfg.data.source, "fingerprint": fingerprint, "previous": last})
+                             "prefect.resource.name": redact_text(cfg.data.source)},
+                   payload={"source": redact_text(cfg.data.source), "fingerprint": fingerprint, "previous": last})
         log.info("data changed (%s -> %s): emitted %s", last, fingerprint, DATA_CHANGED)
     elif last is None:
         log.info("first look at %s: recorded %s (the next change starts a run)", cfg.data.source, fingerprint)
     else:
         log.info("data unchanged (%s)", fingerprint)
     if last != fingerprint:
-        Variable.set(key, {"fingerprint": fingerprint, "source": cfg.data.source,
+        Variable.set(key, {"fingerprint": fingerprint, "source": redact_text(cfg.data.source),
                            "seen_at": dt.datetime.now(dt.timezone.utc).isoformat()}, overwrite=True)
-    return {"source": cfg.data.source, "fingerprint": fingerprint, "changed": changed}
+    return {"source": redact_text(cfg.data.source), "fingerprint": fingerprint, "changed": changed}
