@@ -134,10 +134,10 @@ def _logger():
 
     try:
         return get_run_logger()
-    except MissingContextError:
-        import logging
+    except MissingContextError:  # the lock is taken before the task run's context exists
+        from prefect.logging import get_logger
 
-        return logging.getLogger(__name__)
+        return get_logger("gemma_lora.stage_locks")  # under `prefect`: shown where Prefect's logs are
 
 
 def stage_lock_manager(out_root: str | Path) -> FlockLockManager:
