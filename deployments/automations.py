@@ -64,6 +64,17 @@ def _ours(*, deployed: bool) -> list[dict[str, Any]]:
     return related
 
 
+def _crash_of_a_deployed_run(run_counts: list[str]) -> dict[str, Any]:
+    """A trigger on each `Crashed` event of a run of the deployments whose run count is one of ``run_counts``."""
+    return {
+        "type": "event", "posture": "Reactive",
+        "match": {"prefect.resource.id": "prefect.flow-run.*", "prefect.run-count": run_counts},
+        "match_related": _ours(deployed=True),
+        "expect": ["prefect.flow-run.Crashed"],
+        "for_each": ["prefect.resource.id"], "threshold": 1, "within": 0,
+    }
+
+
 def crashed_when_silent(recovery: RecoveryConfig) -> dict[str, Any]:
     window = recovery.crashed_after_s
     return {
@@ -94,13 +105,7 @@ def resume_crashed(recovery: RecoveryConfig) -> dict[str, Any]:
         "description": f"A crashed run of the gemma-lora deployments is scheduled again (same run, same parameters), "
                        f"at most {n} times: training resumes from its newest checkpoint, finished stages are Cached.",
         "enabled": n > 0,
-        "trigger": {
-            "type": "event", "posture": "Reactive",
-            "match": {"prefect.resource.id": "prefect.flow-run.*", "prefect.run-count": run_counts_up_to(max(n, 1))},
-            "match_related": _ours(deployed=True),
-            "expect": ["prefect.flow-run.Crashed"],
-            "for_each": ["prefect.resource.id"], "threshold": 1, "within": 0,
-        },
+        "trigger": _crash_of_a_deployed_run(run_counts_up_to(max(n, 1))),
         "actions": [{
             "type": "change-flow-run-state", "state": "SCHEDULED", "name": "AwaitingRetry",
             "message": f"Crashed; resumed by the gemma-lora automation 'resume-crashed' (at most {n} times per run): "
@@ -115,13 +120,7 @@ def stop_resuming(recovery: RecoveryConfig) -> dict[str, Any]:
         "name": f"{NAME_PREFIX}stop-resuming",
         "description": f"A run of the gemma-lora deployments that crashed {n + 1} times is set Failed, saying why.",
         "enabled": True,
-        "trigger": {
-            "type": "event", "posture": "Reactive",
-            "match": {"prefect.resource.id": "prefect.flow-run.*", "prefect.run-count": run_counts_above(n)},
-            "match_related": _ours(deployed=True),
-            "expect": ["prefect.flow-run.Crashed"],
-            "for_each": ["prefect.resource.id"], "threshold": 1, "within": 0,
-        },
+        "trigger": _crash_of_a_deployed_run(run_counts_above(n)),
         "actions": [{
             "type": "change-flow-run-state", "state": "FAILED", "name": "NotResumed",
             "message": f"Crashed {n + 1} times; the gemma-lora automation resumes a run at most {n} times "
