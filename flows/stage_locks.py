@@ -68,7 +68,7 @@ class FlockLockManager:
                 break
             except BlockingIOError:
                 if not said:  # a run that waits says so, once
-                    _logger().info("another run is computing this stage (lock %s): waiting for it", self._path(key))
+                    self._say_waiting(key)
                     said = True
                 if deadline is not None and time.monotonic() > deadline:
                     os.close(fd)
@@ -118,11 +118,18 @@ class FlockLockManager:
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
         """Wait until no one holds the lock; False if it is still held after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        said = False
         while self.is_locked(key):
+            if not said:  # Prefect waits here before it reads a record another run is writing
+                self._say_waiting(key)
+                said = True
             if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(POLL_S)
         return True
+
+    def _say_waiting(self, key: str) -> None:
+        _logger().info("another run is computing this stage (lock %s): waiting for it", self._path(key))
 
     async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
         return await asyncio.to_thread(self.wait_for_lock, key, timeout)

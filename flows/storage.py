@@ -97,8 +97,26 @@ def make_result_storage(location: str):
         name = "gemma-lora-results-" + hashlib.sha256(basepath.encode()).hexdigest()[:12]
         # A URL with a credential: the block keeps it as a secret, shown redacted (flows/credentialed_storage.py).
         block = CredentialedFileSystem(url=basepath) if has_credentials(basepath) else RemoteFileSystem(basepath=basepath)
-        block.save(name, overwrite=True)
+        _save_block(block, name)
         return block
     path = Path(location.removeprefix("file://")).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _save_block(block, name: str, attempts: int = 3) -> None:
+    """Save ``block`` as ``name``, replacing an older document. Runs that start at once race to create
+    the same new document: the server checks for the name, then inserts, so the loser's insert fails
+    on the unique name (a 500 on PostgreSQL). Saving again finds the document and updates it."""
+    import time
+
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            block.save(name, overwrite=True)
+            return
+        except PrefectHTTPStatusError:
+            if attempt == attempts:
+                raise
+            time.sleep(0.5 * attempt)

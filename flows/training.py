@@ -124,19 +124,33 @@ def wait_through_crashes(flow_run_id: UUID, label: str, poll_interval: float, re
             time.sleep(poll_interval)
 
 
-def _train_stage_of(flow_run_id: UUID, label: str) -> tuple[TrainOutput, str]:
-    """The ``train-lora`` task run of a finished training flow run: its result and final state name."""
+def _train_stage_of(flow_run_id: UUID, label: str, settle_s: float = 60, poll_interval: float = 1
+                    ) -> tuple[TrainOutput, str]:
+    """The ``train-lora`` task run of a finished training flow run: its result and final state name.
+
+    The server records task-run states from events, after the fact: under load the flow run can be
+    Completed before its task run's final state is written, so a missing one is awaited ``settle_s``.
+    """
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
 
+    deadline = time.monotonic() + settle_s
     with get_client(sync_client=True) as client:
-        task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[TRAIN_LORA])),
-        )
-    train = next((run for run in task_runs if run.state is not None and run.state.is_completed()), None)
+        while True:
+            task_runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[TRAIN_LORA])),
+            )
+            train = next((run for run in task_runs if run.state is not None and run.state.is_completed()), None)
+            if train is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(poll_interval)
     if train is None:
-        raise TrainingRunFailed(f"{label} completed without a completed {TRAIN_LORA!r} task")
+        seen = ", ".join(f"{run.state.name if run.state else 'no state'}" for run in task_runs) or "none"
+        raise TrainingRunFailed(f"{label} completed without a completed {TRAIN_LORA!r} task "
+                                f"(its {TRAIN_LORA!r} task runs after {settle_s:g} s: {seen})")
     output = train.state.result()
     if isinstance(output, dict):
         output = TrainOutput.model_validate(output)

@@ -41,18 +41,47 @@ _QUERY_SECRET = re.compile(
 )
 
 
+# Every credential this process has found in a URL. Libraries pass the value on in other shapes, e.g.
+# fsspec logs a memory:// or s3:// path without its scheme ("open file /KEY:SECRET@bucket/..."), so a
+# credential once seen is hidden wherever it appears later. Short ones are not: hiding every "s" of a
+# line because a test used "s3://k:s@b" would wreck the text and protect nothing.
+_SEEN_SECRETS: set[str] = set()
+_REMEMBERED_FROM = 8  # characters
+
+
+def _remember(secret: str) -> None:
+    if len(secret) >= _REMEMBERED_FROM and secret != MASK:
+        _SEEN_SECRETS.add(secret)
+
+
 def _userinfo(match: re.Match) -> str:
-    user, colon, _ = match["userinfo"].partition(":")
+    user, colon, password = match["userinfo"].partition(":")
+    _remember(password if colon and user else match["userinfo"])
     kept = f"{user}:{MASK}" if colon and user else MASK
     return f"{match['scheme']}{kept}@"
 
 
+def _query_secret(match: re.Match) -> str:
+    _remember(match["value"])
+    return match["lead"] + MASK
+
+
 def redact_text(text: str) -> str:
-    """``text`` with every credential inside a URL replaced by ``***`` (see the module's examples)."""
-    if "@" not in text and "=" not in text:  # the common case, a log line without URLs: no regex work
-        return text
-    text = _USERINFO.sub(_userinfo, text)
-    return _QUERY_SECRET.sub(lambda m: m["lead"] + MASK, text) if "=" in text else text
+    """``text`` with every credential inside a URL replaced by ``***`` (see the module's examples), and
+    every credential seen so far in a URL wherever else it appears.
+
+    >>> _ = redact_text("s3://KEY:long-secret-value@bucket")
+    >>> redact_text("DEBUG open file /KEY:long-secret-value@bucket/x")
+    'DEBUG open file /KEY:***@bucket/x'
+    """
+    if "@" in text or "=" in text:  # else the common case, a log line without URLs: no regex work
+        text = _USERINFO.sub(_userinfo, text)
+        if "=" in text:
+            text = _QUERY_SECRET.sub(_query_secret, text)
+    for secret in _SEEN_SECRETS:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
 
 
 def has_credentials(text: str) -> bool:
