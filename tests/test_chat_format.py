@@ -262,16 +262,19 @@ def test_chat_format_checkpoint_and_adapter_are_refused_in_the_other_format(tiny
 
 # --- the real 270M model ----------------------------------------------------------------------------
 
+PLAIN_TEMPLATE_FALL = 0.1  # the held-out loss fall test_lora_real_model requires of the instruction template
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 16, open: the embedded 270M is a base model that gives <end_of_turn> "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 16, open: the embedded 270M is a base model that gives <end_of_turn> "
                    "almost no probability, and the default 41 steps of rank-4 LoRA end its answers with <eos> "
                    "instead (0 of 16 with <end_of_turn>, bench/RESULTS.md); strict, so a fix shows as a pass")
 def test_chat_format_real_model(gemma3_270m_preset, tmp_path):
     """After the default training in gemma_chat, at least 80% of held-out answers end with <end_of_turn>,
-    and the held-out loss falls as it does with the instruction template (the same run in that format).
+    and the held-out loss falls as it does with the instruction template: test_lora_real_model requires
+    a fall of 10% there, and this asks at least half of that.
 
-    Only the chat-tuned model generates; the losses (base and tuned, both formats) are teacher-forced
-    passes, which keeps the test within its time budget."""
+    The losses (base and tuned) are teacher-forced passes; only the tuned model generates."""
     import keras_hub
 
     from gemma_core.dolly_prepare import format_dolly_to_parquet, read_split
@@ -279,38 +282,26 @@ def test_chat_format_real_model(gemma3_270m_preset, tmp_path):
     from gemma_core.lora_train import train_lora
 
     cfg = load_config(overrides=["data.prompt_format=gemma_chat"])
-    outcome = {}
-    for prompt_format in ("gemma_chat", "instruction"):
-        started = time.perf_counter()
-        data = cfg.data.model_copy(update={"prompt_format": prompt_format})
-        prepared = format_dolly_to_parquet(data, tmp_path / "data")
-        train, held_out = read_split(prepared.train_path), read_split(prepared.eval_path).head(cfg.evaluation.num_prompts)
-        model = keras_hub.models.CausalLM.from_preset(str(gemma3_270m_preset))
-        if prompt_format == "gemma_chat":
-            _assert_single_token_markers(model.preprocessor.tokenizer)
+    started = time.perf_counter()
+    prepared = format_dolly_to_parquet(cfg.data, tmp_path / "data")
+    train, held_out = read_split(prepared.train_path), read_split(prepared.eval_path).head(cfg.evaluation.num_prompts)
+    model = keras_hub.models.CausalLM.from_preset(str(gemma3_270m_preset))
+    _assert_single_token_markers(model.preprocessor.tokenizer)
 
-        def loss(model):
-            nll, count = completion_nll(model, list(held_out["prompt"]), list(held_out["completion"]),
-                                        cfg.train.sequence_length)
-            return float(nll.sum() / count.sum())
+    def loss(model):
+        nll, count = completion_nll(model, list(held_out["prompt"]), list(held_out["completion"]),
+                                    cfg.train.sequence_length)
+        return float(nll.sum() / count.sum())
 
-        base_loss = loss(model)
-        train_lora(model, list(train["prompt"]), list(train["completion"]), cfg.train, cfg.lora,
-                   tmp_path / prompt_format, run_identity={"model_id": "gemma3-270m", "data_hash": prepared.content_hash,
-                                                           "prompt_format": prompt_format})
-        outcome[prompt_format] = {"base_loss": base_loss, "tuned_loss": loss(model)}
-        if prompt_format == "gemma_chat":
-            tuned = evaluate_model(model, held_out, cfg.generation, cfg.train.sequence_length)
-            assert tuned.overall["completion_loss"] == pytest.approx(outcome[prompt_format]["tuned_loss"])
-            assert all(END_OF_TURN not in r["answer"] and "<eos>" not in r["answer"] for r in tuned.rows)
-            outcome[prompt_format].update(ended_by=[r["ended_by"] for r in tuned.rows], **tuned.overall)
-        outcome[prompt_format]["seconds"] = round(time.perf_counter() - started, 1)
-        del model
-    summary = json.dumps(outcome, indent=1, sort_keys=True)
+    base_loss = loss(model)
+    train_lora(model, list(train["prompt"]), list(train["completion"]), cfg.train, cfg.lora, tmp_path / "train",
+               run_identity={"model_id": "gemma3-270m", "data_hash": prepared.content_hash, "prompt_format": "gemma_chat"})
+    tuned = evaluate_model(model, held_out, cfg.generation, cfg.train.sequence_length)
+    assert all(END_OF_TURN not in r["answer"] and "<eos>" not in r["answer"] for r in tuned.rows)
+    chat = {"base_loss": base_loss, "tuned_loss": tuned.overall["completion_loss"],
+            "ended_by": [r["ended_by"] for r in tuned.rows], **tuned.overall,
+            "seconds": round(time.perf_counter() - started, 1)}
+    summary = json.dumps(chat, indent=1, sort_keys=True)
     print(summary)
-    chat, plain = outcome["gemma_chat"], outcome["instruction"]
     assert chat["end_of_turn_rate"] >= 0.8, summary
-    assert chat["tuned_loss"] < chat["base_loss"] and plain["tuned_loss"] < plain["base_loss"], summary
-    # "as with the plain template": the chat format's relative fall is at least half the template's
-    chat_fall, plain_fall = (1 - o["tuned_loss"] / o["base_loss"] for o in (chat, plain))
-    assert chat_fall >= 0.5 * plain_fall, summary
+    assert chat["tuned_loss"] <= (1 - 0.5 * PLAIN_TEMPLATE_FALL) * chat["base_loss"], summary
