@@ -49,6 +49,19 @@ def wait_paused(server, run: procs.PipelineRun) -> dict:
     raise TimeoutError(f"no paused run within {RUN_TIMEOUT} s:\n{run.tail()}")
 
 
+def resume(server, flow_run_id: str, run_input: dict) -> dict:
+    """The Resume form's call. Prefect sets the run Paused first and saves its input form's schema just
+    after, and the server rejects a resume before that ("Run input schema not found"); the UI shows the
+    form only once the schema is there, so this waits for it the same way."""
+    deadline = time.monotonic() + 60
+    while True:
+        result = api(server, "POST", f"/flow_runs/{flow_run_id}/resume", {"run_input": run_input})
+        reason = (result.get("details") or {}).get("reason") or ""
+        if result["status"] != "REJECT" or "schema not found" not in reason or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("approve", [True, False], ids=["approved", "rejected"])
 def test_a_passing_gate_waits_for_a_person(tmp_path, server, tiny_preset, approve):
@@ -59,8 +72,7 @@ def test_a_passing_gate_waits_for_a_person(tmp_path, server, tiny_preset, approv
         assert Registry(tmp_path / "runs", registry).champion() is None  # nothing promoted while it waits
         latest = json.loads((tmp_path / "runs" / "reports" / "latest.json").read_text())
         assert latest["gate"]["promote"] and latest["promotion"]["why"] == "waiting for approval"
-        result = api(server, "POST", f"/flow_runs/{paused['id']}/resume",
-                     {"run_input": {"approve": approve, "comment": "checked the report"}})
+        result = resume(server, paused["id"], {"approve": approve, "comment": "checked the report"})
         assert result["status"] == "ACCEPT", result
         assert run.finish(RUN_TIMEOUT) == 0, run.tail()
     finally:
