@@ -124,3 +124,57 @@ def test_postgres_load_config_is_the_tiny_one(tiny_preset, tmp_path):
     configs = [load_config(tiny_preset, tmp_path, rate) for rate in LEARNING_RATES]
     assert len({str(c) for c in configs}) == 4
     assert all({**c, "train": {}} == {**configs[0], "train": {}} for c in configs)
+
+
+def test_postgres_setup_local_sets_up_the_stack_on_it_and_stops_everything():
+    """`deployments/setup_local.py --database postgres`, end to end: it starts PostgreSQL (data under its
+    PREFECT_HOME) and a Prefect server on it, creates the pools, deployments and automations there, and
+    with --no-workers stops both again. Started once more, the database holds what it created."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from deployments.automations import project_automations
+    from flows.postgres_server import PostgresServer
+    from flows.prefect_server import free_port
+    from gemma_core.config import RecoveryConfig
+    from tests.helpers.procs import REPO, child_env
+
+    try:
+        ensure_installed()
+    except PostgresNotInstalled as err:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true: {err}")
+        pytest.skip(str(err))
+    # under /tmp, open to PostgreSQL's own user (pytest's tmp_path is closed to others when run as root)
+    home = Path(tempfile.mkdtemp(prefix="gemma-lora-setup-postgres-"))
+    home.chmod(0o755)
+    env = {k: v for k, v in child_env().items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(home)
+    port = free_port()
+    try:
+        done = subprocess.run([sys.executable, str(REPO / "deployments" / "setup_local.py"), "--database", "postgres",
+                               "--no-workers", "--port", str(port)], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, out[-4000:]
+        assert re.search(r"PostgreSQL on postgresql://\S+ \(data in " + re.escape(str(home / "postgres")), out), out
+        assert f"starting the Prefect server on http://127.0.0.1:{port}/api (database postgresql+asyncpg://" in out, out
+        assert "work pools: cpu" in out and "automations:" in out, out
+        assert "stopping 1 processes" in out, out
+        # everything stopped: the server's port is free again
+        assert subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"], capture_output=True).returncode != 0
+        database = PostgresServer(home / "postgres", home / "check.log").start()
+        try:
+            pools = set(database.psql("SELECT name FROM work_pool").split())
+            deployments = database.psql("SELECT count(*) FROM deployment")
+            automations = set(database.psql("SELECT name FROM automation").splitlines())
+        finally:
+            database.stop()
+        # the three of deployments/automations.py, and the pipeline deployment's data-change trigger
+        assert {"cpu", "gpu"} <= pools and int(deployments) == 3 and len(automations) == 4, (pools, deployments, automations)
+        assert {a["name"] for a in project_automations(RecoveryConfig())} <= automations, automations
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
