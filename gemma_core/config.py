@@ -110,9 +110,13 @@ class TrainConfig(_Section):
     response_only_head: bool = Field(True, description="compute the output head only at response tokens, "
                                      "where the loss is (false: on every position, the plain path)")
     keep_checkpoints: int = Field(2, ge=1, le=100, description="how many recent checkpoints to keep")
+    data_parallel: Literal["off", "auto"] = Field(
+        "off", description="auto: split each batch across every local device (Keras' DataParallel, JAX; "
+        "batch_size a multiple of the device count); off: one device")
 
-    # How often checkpoints are written and how many are kept never changes the adapter.
-    NOT_IN_CACHE_KEY: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "keep_checkpoints"})
+    # How often checkpoints are written and how many are kept never changes the adapter; the devices
+    # a batch is split over change it only by float rounding (tests/test_data_parallel.py).
+    NOT_IN_CACHE_KEY: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "keep_checkpoints", "data_parallel"})
 
     def cache_identity(self) -> dict[str, Any]:
         """What of this config a cache key (and the training directory's name) sees."""

@@ -34,6 +34,7 @@ from gemma_core.atomic import atomic_write_text, remove_leftovers
 from gemma_core.batching import TrainingSchedule, step_arrays
 from gemma_core.checkpoints import latest_valid_checkpoint, restore_optimizer, save_checkpoint, write_adapter_manifest
 from gemma_core.config import LoraConfig, TrainConfig
+from gemma_core.distribute import data_parallel_devices
 from gemma_core.encoding import encode_examples
 from gemma_core.models import enable_lora
 from gemma_core.response_head import ResponseCrossEntropy, ResponseOnlyLM
@@ -135,6 +136,7 @@ def train_lora(
         compile_for_training(trainer, cfg)
         schedule = TrainingSchedule(examples, cfg)
         steps = schedule.total_steps
+        devices = data_parallel_devices(keras.distribution.distribution())  # None: one device, batch whole
 
         # --- resume from the newest valid checkpoint of this very run -----------------------------
         ckpt_root = out_dir / "checkpoints"
@@ -173,6 +175,7 @@ def train_lora(
             _append_log(log_path, {"step": step + 1, "loss": loss, "useful_tokens": tokens,
                                    "response_tokens": int((batch[2][: planned.real] > 0).sum()),
                                    "shape": [planned.length, planned.slots],
+                                   **({"devices": devices} if devices else {}),
                                    "tokens_per_second": round(tokens / seconds, 2), "seconds": round(seconds, 3),
                                    "elapsed_s": round(time.perf_counter() - run_started, 3)})
             if on_step:

@@ -27,6 +27,7 @@ def train_adapter(
     train: TrainConfig, lora: LoraConfig, data: DataResult, model: ModelResult, out_root: str, backend: str = "jax",
 ) -> TrainOutput:
     """Fine-tune the base model on the training split; write the adapter and a per-step log."""
+    from gemma_core.distribute import describe_split, distribution_scope, training_distribution
     from gemma_core.dolly_prepare import read_split
     from gemma_core.lora_train import train_lora
 
@@ -34,7 +35,11 @@ def train_adapter(
     fingerprint = input_fingerprint("train", {"train": train, "lora": lora, "data": data, "model": model,
                                             "backend": backend})
     out_dir = Path(out_root) / "train" / f"train-{fingerprint[:16]}"
-    with timed() as t:
+    distribution = training_distribution(train.data_parallel, train.batch_size)
+    if distribution is not None:
+        logger().info("data parallel: each batch of %s",
+                      describe_split(distribution, (train.batch_size, train.sequence_length)))
+    with timed() as t, distribution_scope(distribution):  # the model is created where it is trained
         frame = read_split(data.path("train"))
         loaded = load_stage_model(model)
         progress = Progress("lora-training", "LoRA fine-tuning")
