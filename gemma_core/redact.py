@@ -78,7 +78,7 @@ def redact_text(text: str) -> str:
         text = _USERINFO.sub(_userinfo, text)
         if "=" in text:
             text = _QUERY_SECRET.sub(_query_secret, text)
-    for secret in _SEEN_SECRETS:
+    for secret in tuple(_SEEN_SECRETS):  # a snapshot: another thread may add one meanwhile
         if secret in text:
             text = text.replace(secret, MASK)
     return text

@@ -82,7 +82,12 @@ class RunProcesses:
         self.procs = procs
 
     def send_signal(self, sig: int) -> None:
-        for proc in self.procs:
+        """Outermost first, as when they all die at once: a surviving parent would report its child's
+        death as a second Crashed, late enough to hit the run's next attempt (see the closing note of
+        issue 15: a known limit of the resume automation)."""
+        pids = {proc.pid for proc in self.procs}
+        depth = {proc.pid: self._depth(proc, pids) for proc in self.procs}
+        for proc in sorted(self.procs, key=lambda p: depth[p.pid]):
             try:
                 proc.send_signal(sig)
             except psutil.NoSuchProcess:
@@ -90,6 +95,17 @@ class RunProcesses:
 
     def wait(self, timeout: float) -> None:
         psutil.wait_procs(self.procs, timeout=timeout)
+
+    @staticmethod
+    def _depth(proc: psutil.Process, pids: set[int]) -> int:
+        depth, parent = 0, proc.ppid()
+        while parent in pids:
+            depth += 1
+            try:
+                parent = psutil.Process(parent).ppid()
+            except psutil.Error:
+                break
+        return depth
 
 
 def flow_run_process(stack: Stack, pool: str, run_id: str) -> RunProcesses | None:
@@ -377,7 +393,7 @@ def history(stack: Stack, run: dict) -> str:
     """The run's states and the automation actions taken on it, for a failure message."""
     lines = [f"{s['timestamp']} {s['type']:<10} {s['name']:<14} {(s['message'] or '')[:90]}" for s in states(stack, run["id"])]
     events = stack.post("/events/filter", {"filter": {"event": {"prefix": ["prefect.automation."]},
-                                                      "occurred": {"since": "2000-01-01T00:00:00Z"}}, "limit": 200})
+                                                      "occurred": {"since": "2000-01-01T00:00:00Z"}}, "limit": 50})
     for event in events.get("events", []):
         if run["id"] in json.dumps(event):
             lines.append(f"{event['occurred']} {event['event']} {event['resource'].get('prefect.resource.name')}")
