@@ -83,8 +83,8 @@ class RunProcesses:
 
     def send_signal(self, sig: int) -> None:
         """Outermost first, as when they all die at once: a surviving parent would report its child's
-        death as a second Crashed, late enough to hit the run's next attempt (see the closing note of
-        issue 15: a known limit of the resume automation)."""
+        death as a second Crashed, late enough to hit the run's next attempt (the README's "Known limit"
+        of the resume automation, under Self-healing)."""
         pids = {proc.pid for proc in self.procs}
         depth = {proc.pid: self._depth(proc, pids) for proc in self.procs}
         for proc in sorted(self.procs, key=lambda p: depth[p.pid]):
