@@ -70,6 +70,7 @@ def watch_data(pipeline_deployment: str | None = PIPELINE_DEPLOYMENT,
     log = get_run_logger()
     cfg = validate_config(config if config is not None else _deployment_config(pipeline_deployment))
     key = watched_key(cfg.data)
+    shown = redact_text(cfg.data.source)  # what the run writes of the source: its credential hidden
     fingerprint = data_fingerprint(cfg.data)
     previous = Variable.get(key, default=None)
     last = previous.get("fingerprint") if isinstance(previous, dict) else None
@@ -77,18 +78,18 @@ def watch_data(pipeline_deployment: str | None = PIPELINE_DEPLOYMENT,
     if fingerprint.startswith("missing:"):
         log.warning("the data source %s is missing; nothing to compare (fix data.source of %s)",
                     cfg.data.source, pipeline_deployment or "the config")
-        return {"source": redact_text(cfg.data.source), "fingerprint": fingerprint, "changed": False}
+        return {"source": shown, "fingerprint": fingerprint, "changed": False}
     if changed:
         emit_event(event=DATA_CHANGED,
                    resource={"prefect.resource.id": f"gemma-lora.data.{key.removeprefix(VARIABLE_PREFIX)}",
-                             "prefect.resource.name": redact_text(cfg.data.source)},
-                   payload={"source": redact_text(cfg.data.source), "fingerprint": fingerprint, "previous": last})
+                             "prefect.resource.name": shown},
+                   payload={"source": shown, "fingerprint": fingerprint, "previous": last})
         log.info("data changed (%s -> %s): emitted %s", last, fingerprint, DATA_CHANGED)
     elif last is None:
         log.info("first look at %s: recorded %s (the next change starts a run)", cfg.data.source, fingerprint)
     else:
         log.info("data unchanged (%s)", fingerprint)
     if last != fingerprint:
-        Variable.set(key, {"fingerprint": fingerprint, "source": redact_text(cfg.data.source),
+        Variable.set(key, {"fingerprint": fingerprint, "source": shown,
                            "seen_at": dt.datetime.now(dt.timezone.utc).isoformat()}, overwrite=True)
-    return {"source": redact_text(cfg.data.source), "fingerprint": fingerprint, "changed": changed}
+    return {"source": shown, "fingerprint": fingerprint, "changed": changed}

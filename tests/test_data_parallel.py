@@ -48,10 +48,14 @@ CHILD = textwrap.dedent('''
 ''')
 
 
-def train_in_child(tmp_path: Path, preset: Path, mode: str, devices: int) -> dict:
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(REPO),
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    done = subprocess.run([sys.executable, "-c", CHILD, str(preset), str(tmp_path / mode), mode], env=env,
+def two_devices_env() -> dict[str, str]:
+    """A child's environment with two simulated host devices for JAX."""
+    return {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(REPO),
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+
+
+def train_in_child(tmp_path: Path, preset: Path, mode: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", CHILD, str(preset), str(tmp_path / mode), mode], env=two_devices_env(),
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -67,8 +71,8 @@ def adapter_arrays(path: str) -> dict[str, np.ndarray]:
 
 
 def test_data_parallel_on_two_devices_trains_as_one_device_does(tmp_path, tiny_preset):
-    one = train_in_child(tmp_path, tiny_preset, "off", devices=2)
-    two = train_in_child(tmp_path, tiny_preset, "auto", devices=2)
+    one = train_in_child(tmp_path, tiny_preset, "off")
+    two = train_in_child(tmp_path, tiny_preset, "auto")
     assert one["devices"] == two["devices"] == 2
     assert one["lora_devices"] == [1] and two["lora_devices"] == [2]  # replicated on both devices
     # the split, in the training log's every step (train_log.jsonl) and in words (the task logs this)
@@ -86,8 +90,7 @@ def test_data_parallel_refusal_names_the_batch_size_and_the_fix():
     assert TrainConfig().data_parallel == "off" and training_distribution("off", 3) is None
     code = ("from gemma_core.distribute import training_distribution, DataParallelError\n"
             "try:\n    training_distribution('auto', 3)\nexcept DataParallelError as e:\n    print(e)\n")
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(REPO),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    done = subprocess.run([sys.executable, "-c", code], env=two_devices_env(), capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
     assert "train.batch_size=3 does not split evenly over the 2 devices" in done.stdout, done.stderr[-2000:]
     assert "train.batch_size=4" in done.stdout and "train.data_parallel=off" in done.stdout

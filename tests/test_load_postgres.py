@@ -24,14 +24,19 @@ from tests.helpers.load import LEARNING_RATES, RUNS, load_config, max_concurrent
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def load(tmp_path_factory, tiny_preset):
+def require_postgres() -> None:
+    """Debian's postgresql, installed here as root when missing; else a skip, or under CI a failure."""
     try:
-        ensure_installed()  # Debian's postgresql, installed here as root when missing
+        ensure_installed()
     except PostgresNotInstalled as err:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"CI=true: {err}")
         pytest.skip(str(err))
+
+
+@pytest.fixture(scope="module")
+def load(tmp_path_factory, tiny_preset):
+    require_postgres()
     stack = start_load(tmp_path_factory.mktemp("load-postgres"), "postgres")
     try:
         result = run_load(stack, tiny_preset)
@@ -143,12 +148,7 @@ def test_postgres_setup_local_sets_up_the_stack_on_it_and_stops_everything():
     from gemma_core.config import RecoveryConfig
     from tests.helpers.procs import REPO, child_env
 
-    try:
-        ensure_installed()
-    except PostgresNotInstalled as err:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true: {err}")
-        pytest.skip(str(err))
+    require_postgres()
     # under /tmp, open to PostgreSQL's own user (pytest's tmp_path is closed to others when run as root)
     home = Path(tempfile.mkdtemp(prefix="gemma-lora-setup-postgres-"))
     home.chmod(0o755)
