@@ -262,7 +262,7 @@ def test_chat_format_checkpoint_and_adapter_are_refused_in_the_other_format(tiny
 
 # --- the real 270M model ----------------------------------------------------------------------------
 
-PLAIN_TEMPLATE_FALL = 0.1  # the held-out loss fall test_lora_real_model requires of the instruction template
+PLAIN_TEMPLATE_FALL = 0.1  # the held-out loss fall test_pipeline_real requires of the default (instruction) run
 
 
 @pytest.mark.slow
@@ -271,7 +271,7 @@ PLAIN_TEMPLATE_FALL = 0.1  # the held-out loss fall test_lora_real_model require
                    "instead (0 of 16 with <end_of_turn>, bench/RESULTS.md); strict, so a fix shows as a pass")
 def test_chat_format_real_model(gemma3_270m_preset, tmp_path):
     """After the default training in gemma_chat, at least 80% of held-out answers end with <end_of_turn>,
-    and the held-out loss falls as it does with the instruction template: test_lora_real_model requires
+    and the held-out loss falls as it does with the instruction template: test_pipeline_real requires
     a fall of 10% there, and this asks at least half of that.
 
     The losses (base and tuned) are teacher-forced passes; only the tuned model generates."""
