@@ -20,6 +20,15 @@ The run count is Prefect's own ``run_count`` (how often the run entered `Running
 puts on every state event as the ``prefect.run-count`` label, so the limit holds across workers and
 server restarts with nothing kept elsewhere.
 
+Both act only once a crash has settled: when nothing else has happened to the run for
+``recovery.settle_s`` seconds after its `Crashed` (a Proactive trigger). Prefect's process worker
+(3.9) reports one death twice, a few seconds apart: its run executor proposes `Crashed`, then the
+worker proposes it again on the same exit code. While the run is still `Crashed` the server refuses
+the second report (a terminal run cannot crash again); had the run been rescheduled at once, the
+second report would crash its next attempt, before or while it runs, and the bound on attempts
+would not hold. A person pressing Retry within the window counts as something happening: the
+automation then leaves the run alone.
+
 >>> from gemma_core.config import RecoveryConfig
 >>> [a["name"] for a in project_automations(RecoveryConfig())]
 ['gemma-lora: crashed-when-silent', 'gemma-lora: resume-crashed', 'gemma-lora: stop-resuming']
@@ -64,14 +73,16 @@ def _ours(*, deployed: bool) -> list[dict[str, Any]]:
     return related
 
 
-def _crash_of_a_deployed_run(run_counts: list[str]) -> dict[str, Any]:
-    """A trigger on each `Crashed` event of a run of the deployments whose run count is one of ``run_counts``."""
+def _settled_crash_of_a_deployed_run(run_counts: list[str], settle_s: int) -> dict[str, Any]:
+    """A trigger on a run of the deployments whose run count is one of ``run_counts``: it fires when the run
+    has been `Crashed` for ``settle_s`` seconds with no other event of it (no state change, no heartbeat)."""
     return {
-        "type": "event", "posture": "Reactive",
+        "type": "event", "posture": "Proactive",
         "match": {"prefect.resource.id": "prefect.flow-run.*", "prefect.run-count": run_counts},
         "match_related": _ours(deployed=True),
-        "expect": ["prefect.flow-run.Crashed"],
-        "for_each": ["prefect.resource.id"], "threshold": 1, "within": 0,
+        "after": ["prefect.flow-run.Crashed"],
+        "expect": ["prefect.flow-run.*"],
+        "for_each": ["prefect.resource.id"], "threshold": 1, "within": settle_s,
     }
 
 
@@ -105,7 +116,7 @@ def resume_crashed(recovery: RecoveryConfig) -> dict[str, Any]:
         "description": f"A crashed run of the gemma-lora deployments is scheduled again (same run, same parameters), "
                        f"at most {n} times: training resumes from its newest checkpoint, finished stages are Cached.",
         "enabled": n > 0,
-        "trigger": _crash_of_a_deployed_run(run_counts_up_to(max(n, 1))),
+        "trigger": _settled_crash_of_a_deployed_run(run_counts_up_to(max(n, 1)), recovery.settle_s),
         "actions": [{
             "type": "change-flow-run-state", "state": "SCHEDULED", "name": "AwaitingRetry",
             "message": f"Crashed; resumed by the gemma-lora automation 'resume-crashed' (at most {n} times per run): "
@@ -120,7 +131,7 @@ def stop_resuming(recovery: RecoveryConfig) -> dict[str, Any]:
         "name": f"{NAME_PREFIX}stop-resuming",
         "description": f"A run of the gemma-lora deployments that crashed {n + 1} times is set Failed, saying why.",
         "enabled": True,
-        "trigger": _crash_of_a_deployed_run(run_counts_above(n)),
+        "trigger": _settled_crash_of_a_deployed_run(run_counts_above(n), recovery.settle_s),
         "actions": [{
             "type": "change-flow-run-state", "state": "FAILED", "name": "NotResumed",
             "message": f"Crashed {n + 1} times; the gemma-lora automation resumes a run at most {n} times "

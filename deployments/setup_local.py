@@ -290,7 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "a PostgreSQL server started here too, data in PREFECT_HOME/postgres "
                              "(flows/postgres_server.py; for many workers and runs at once, see the README)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="recovery.FIELD=VALUE",
-                        help="a recovery setting (heartbeat_s, crashed_after_s, max_resumes, resume_wait_s, "
+                        help="a recovery setting (heartbeat_s, crashed_after_s, max_resumes, settle_s, resume_wait_s, "
                              "watch_every_s, debounce_s; see gemma_core/config.py RecoveryConfig)")
     args = parser.parse_args(argv)
     if any(not o.startswith("recovery.") for o in args.overrides):
@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{recovery.debounce_s} s), {TRAINING_DEPLOYMENT}, {WATCH_DEPLOYMENT} (every {recovery.watch_every_s} s)")
         automations.install(api_url, recovery)
         print(f"automations: a run silent for {recovery.crashed_after_s} s is marked Crashed (heartbeats every "
-              f"{recovery.heartbeat_s} s); a crashed run is resumed at most {recovery.max_resumes} times")
+              f"{recovery.heartbeat_s} s); a crashed run is resumed {recovery.settle_s} s after its crash, at most "
+              f"{recovery.max_resumes} times")
         if args.no_workers:
             if server is not None:
                 print("--no-workers: the server started here stops now; use --api-url with a server of your own")

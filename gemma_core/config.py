@@ -209,6 +209,9 @@ class RecoveryConfig(_Section):
                                  "(cover about three heartbeats, so that one late heartbeat is no crash)")
     max_resumes: int = Field(2, ge=0, le=20, description="a crashed run of the deployments is started again at "
                              "most this many times (0: never), resuming from its newest checkpoint")
+    settle_s: int = Field(20, ge=10, description="a crashed run is resumed, or given up, once nothing else has "
+                          "happened to it for this long (a process worker reports one death twice, seconds apart; "
+                          "the second report must find the run still Crashed, not crash its next attempt)")
     resume_wait_s: int = Field(180, ge=0, description="how long a pipeline waits for its crashed training run to "
                                "be resumed by the automation before it fails")
     watch_every_s: int = Field(300, ge=10, description="how often the watch-data deployment fingerprints the data")

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from deployments import automations, setup_local
 from gemma_core.config import ConfigError, DataConfig, RecoveryConfig, load_config
@@ -30,7 +31,7 @@ def test_crash_automations_validate_as_prefect_automations():
 
 
 def test_heartbeat_window_and_resume_limit_are_the_configured_ones():
-    recovery = RecoveryConfig(heartbeat_s=30, crashed_after_s=95, max_resumes=3)
+    recovery = RecoveryConfig(heartbeat_s=30, crashed_after_s=95, max_resumes=3, settle_s=15)
     silent, resume, stop = automations.project_automations(recovery)
     assert silent["trigger"]["within"] == 95 and silent["trigger"]["posture"] == "Proactive"
     assert silent["trigger"]["after"] == ["prefect.flow-run.heartbeat"]
@@ -39,6 +40,15 @@ def test_heartbeat_window_and_resume_limit_are_the_configured_ones():
     assert resume["actions"][0] == {**resume["actions"][0], "state": "SCHEDULED", "name": "AwaitingRetry"}
     above = stop["trigger"]["match"]["prefect.run-count"]
     assert above[0] == "4" and "3" not in above and stop["actions"][0]["state"] == "FAILED"
+    # both act once a crash has settled: nothing else happened to the run for settle_s after it
+    from prefect.server.events.schemas.events import matches
+
+    for trigger in (resume["trigger"], stop["trigger"]):
+        assert (trigger["posture"], trigger["after"], trigger["within"]) == ("Proactive", ["prefect.flow-run.Crashed"], 15)
+        for event in ("Crashed", "AwaitingRetry", "Scheduled", "Running", "Completed", "heartbeat"):
+            assert any(matches(e, f"prefect.flow-run.{event}") for e in trigger["expect"]), event
+    with pytest.raises(ValidationError):
+        RecoveryConfig(settle_s=5)  # Prefect's shortest window for a Proactive trigger is 10 s
     # only runs of the deployments (their tag) are resumed; any run of the project's flows is watched
     assert {"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.gemma-lora"} in resume["trigger"]["match_related"]
     assert len(silent["trigger"]["match_related"]) == 1

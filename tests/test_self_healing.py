@@ -75,19 +75,13 @@ def wait_for(what: str, check, timeout: float, stack: Stack, every: float = 0.2)
 
 
 class RunProcesses:
-    """Every process a pool's worker started for one flow run (their environment names the run): the
-    worker may run the flow in a process of a process, and the OOM killer takes them all."""
+    """Every process a pool's worker started for one flow run (their environment names the run)."""
 
     def __init__(self, procs: list[psutil.Process]):
         self.procs = procs
 
     def send_signal(self, sig: int) -> None:
-        """Outermost first, as when they all die at once: a surviving parent would report its child's
-        death as a second Crashed, late enough to hit the run's next attempt (the README's "Known limit"
-        of the resume automation, under Self-healing)."""
-        pids = {proc.pid for proc in self.procs}
-        depth = {proc.pid: self._depth(proc, pids) for proc in self.procs}
-        for proc in sorted(self.procs, key=lambda p: depth[p.pid]):
+        for proc in self.procs:
             try:
                 proc.send_signal(sig)
             except psutil.NoSuchProcess:
@@ -95,17 +89,6 @@ class RunProcesses:
 
     def wait(self, timeout: float) -> None:
         psutil.wait_procs(self.procs, timeout=timeout)
-
-    @staticmethod
-    def _depth(proc: psutil.Process, pids: set[int]) -> int:
-        depth, parent = 0, proc.ppid()
-        while parent in pids:
-            depth += 1
-            try:
-                parent = psutil.Process(parent).ppid()
-            except psutil.Error:
-                break
-        return depth
 
 
 def flow_run_process(stack: Stack, pool: str, run_id: str) -> RunProcesses | None:
@@ -322,6 +305,10 @@ def test_crash_of_a_killed_training_process_is_resumed_from_its_checkpoint(heali
     parent, training = stack.wait_final(run["id"], child["id"])
     assert training["state"]["type"] == "COMPLETED", training["state"]
     assert parent["state"]["type"] == "COMPLETED", f"{parent['state']}\n{stack.describe()}"
+    # the worker reports this death twice, seconds apart; the second report must find the run still
+    # Crashed (and be refused), not crash the next attempt: one Crashed, one resume
+    names = [s["name"] for s in states(stack, child["id"])]
+    assert (names.count("Crashed"), names.count("AwaitingRetry")) == (1, 1), history(stack, child)
     output = train_output(stack, child["id"])
     assert output["resumed_from_step"] == kill["checkpoint"] > 0
     lost = kill["steps_done"] - output["resumed_from_step"]
