@@ -76,7 +76,7 @@ def export_inputs(cfg: PipelineConfig, run: str | None = None, name: str | None 
                            "run `gemma-lora run` again to rewrite it") from None
     if run is not None:
         raise CommandError(f"--run {run!r}: export the champion (no --run) or the last run (--run latest)")
-    champion = _registry(cfg, name).champion()
+    champion = open_registry(cfg, name).champion()
     if champion is None or champion.is_base_model:
         why = "" if champion is None else f" (record {champion.sequence}: {champion.reason})"
         raise CommandError(f"nothing promoted yet{why}: the champion is the base model; run the pipeline "
@@ -123,11 +123,7 @@ def export(cfg: PipelineConfig, result_storage: str | None, run: str | None = No
 
 # --- champion, promote, rollback (the registry: gemma_core/registry.py; no Prefect, no Keras) ----------
 
-_METRICS = (("completion_loss", "held-out loss"), ("perplexity", "perplexity"), ("rouge_l_f1", "ROUGE-L F1"),
-            ("eos_rate", "end-of-sequence rate"), ("mean_answer_tokens", "answer length"))
-
-
-def _registry(cfg: PipelineConfig, name: str | None):
+def open_registry(cfg: PipelineConfig, name: str | None):
     """The registry under the config's output.root; ``--name``, else the config's promotion name, else "default"."""
     from gemma_core.registry import DEFAULT_NAME, Registry
 
@@ -149,7 +145,7 @@ def registry_command(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def _champion(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    registry = _registry(cfg, args.name)
+    registry = open_registry(cfg, args.name)
     if args.repair:
         repaired = registry.repair()
         print(f"{registry.champion_path} points at "
@@ -185,11 +181,13 @@ def champion_text(name: str, champion, history: list) -> str:
                   f"  {'lora':<12} rank {lora.get('rank', '?')}, layers {layers}"]
     lines.append(f"  {'report':<12} {champion.report or 'n/a'}")
     if champion.metrics:
-        known = [key for key, _ in _METRICS]
+        from gemma_core.report import METRICS
+
+        known = list(METRICS)
         lines.append("  metrics at promotion:")
-        lines += [f"    {label:<22} {format_fixed(champion.metrics.get(key))}"
-                  for key, label in _METRICS if key in champion.metrics]
-        lines += [f"    {key:<22} {value}" for key, value in sorted(champion.metrics.items()) if key not in known]
+        lines += [f"    {label:<34} {format_fixed(champion.metrics.get(key))}"
+                  for key, (label, _) in METRICS.items() if key in champion.metrics]
+        lines += [f"    {key:<34} {value}" for key, value in sorted(champion.metrics.items()) if key not in known]
     lines += ["", f"history ({len(history)} record{'s' * (len(history) != 1)}, oldest first):"]
     for record in history:
         adapter = (record.adapter_sha256 or "")[:12] or "base model"
@@ -238,7 +236,7 @@ def _promote_fields(cfg: PipelineConfig, registry, run: str) -> tuple[dict[str, 
 
 
 def _promote(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    registry = _registry(cfg, args.name)
+    registry = open_registry(cfg, args.name)
     token = registry.token()
     fields, what = _promote_fields(cfg, registry, args.run)
     reason = args.reason or f"promoted by hand (gemma-lora promote {args.run})"
@@ -250,7 +248,7 @@ def _promote(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def _rollback(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    registry = _registry(cfg, args.name)
+    registry = open_registry(cfg, args.name)
     champion = registry.rollback(by="user")
     adapter = "the base model" if champion.is_base_model else f"adapter {champion.adapter_sha256[:12]}"
     print(f"rolled back: {adapter} is the champion of {champion.name!r} again (record {champion.sequence}: "

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from flows.cli_champion import CommandError, _registry, export_inputs
+from flows.cli_champion import CommandError, export_inputs, open_registry
 from flows.storage import read_latest
 from gemma_core.config import LoraConfig, PipelineConfig
 
@@ -62,7 +62,7 @@ def choose_model(cfg: PipelineConfig, model: str | None, registry_name: str | No
                  given: set[str] = frozenset()) -> ModelChoice:
     """Resolve ``--model`` (see the module doc); raises CommandError naming the value and the fix."""
     if model is None:
-        champion = _registry(cfg, registry_name).champion()
+        champion = open_registry(cfg, registry_name).champion()
         if champion is not None and not champion.is_base_model:
             return choose_model(cfg, "champion", registry_name, given)
         why = "nothing promoted yet" if champion is None else f"record {champion.sequence}: {champion.reason}"
@@ -74,7 +74,7 @@ def choose_model(cfg: PipelineConfig, model: str | None, registry_name: str | No
         if read_latest(cfg.output.root) is None:
             raise CommandError(f"--model {model}: no pipeline run under {Path(cfg.output.root).resolve()}: run "
                                "`gemma-lora run` first (or pass its --set output.root=...), or use --model base")
-        champion = _registry(cfg, registry_name).champion() if model == "champion" else None
+        champion = open_registry(cfg, registry_name).champion() if model == "champion" else None
         if model == "champion" and (champion is None or champion.is_base_model):
             raise CommandError("--model champion: nothing promoted yet, the champion is the base model: use "
                                "--model base, or --model latest for the last run's tuned adapter")
@@ -104,7 +104,7 @@ def _adapter_path(cfg: PipelineConfig, path: Path, given_as: str, given: set[str
             "a file not ending in .lora.h5" if path.is_file() else "no such file or directory")
         raise CommandError(f"--model {given_as!r}: {found}. Pass {', '.join(MODEL_CHOICES)}, a {ADAPTER_SUFFIX} "
                            "file, or a directory holding adapter.lora.h5 (runs/train/train-<key>/)")
-    identity = _training_identity(file.parent)
+    identity = _training_identity(file)
     latest = read_latest(cfg.output.root) or {}
     run_model = (latest.get("results") or {}).get("model") or {}
     spec, cache_dir = cfg.model.spec, str(cfg.model.cache_dir) if cfg.model.cache_dir else None
@@ -121,11 +121,17 @@ def _adapter_path(cfg: PipelineConfig, path: Path, given_as: str, given: set[str
                        _trained_format(cfg, identity.get("prompt_format"), f"adapter {file}", given))
 
 
-def _training_identity(directory: Path) -> dict[str, Any]:
-    """The training identity (model_id, lora_rank, lora_targets, ...) that a training directory's newest
-    checkpoint, or a checkpoint directory itself, records; {} where there is none (an export)."""
+def _training_identity(file: Path) -> dict[str, Any]:
+    """The training identity (model_id, lora_rank, lora_targets, ...) of adapter ``file``: its own manifest's
+    (a training's final adapter, an export), else the one its directory's newest checkpoint, or a checkpoint
+    directory itself, records; {} where there is none (an adapter copied alone)."""
+    from gemma_core.checkpoints import adapter_identity
     from gemma_core.manifest import MANIFEST_FILE, read_manifest
 
+    own = adapter_identity(file)
+    if own is not None:
+        return own
+    directory = file.parent
     candidates = [directory, *sorted((directory / "checkpoints").glob("step-*"), reverse=True)]
     for candidate in candidates:
         if (candidate / MANIFEST_FILE).is_file():

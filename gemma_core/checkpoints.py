@@ -160,13 +160,19 @@ def write_adapter_manifest(adapter_path: str | Path, identity: dict[str, Any], *
                           name=adapter_manifest_name(adapter_path))
 
 
-def adapter_prompt_format(adapter_path: str | Path) -> str | None:
-    """The prompt format ``adapter_path`` was trained in, from its manifest; None when no manifest
-    vouches for it (an adapter copied alone, or one from before prompt formats were recorded)."""
+def adapter_identity(adapter_path: str | Path) -> dict[str, Any] | None:
+    """What ``adapter_path`` was trained on (model_id, data_hash, prompt_format, lora_rank, ...), from the
+    manifest beside it; None when no manifest vouches for it (an adapter copied alone, or a changed one)."""
     adapter_path = Path(adapter_path)
     try:
         manifest = read_verified(adapter_path.parent, adapter_manifest_name(adapter_path), required=[adapter_path.name])
     except ManifestError:
         return None
     identity = manifest.get("identity")
-    return identity.get("prompt_format") if isinstance(identity, dict) else None
+    return identity if isinstance(identity, dict) else None
+
+
+def adapter_prompt_format(adapter_path: str | Path) -> str | None:
+    """The prompt format ``adapter_path`` was trained in, from its manifest; None when no manifest
+    vouches for it (an adapter copied alone, or one from before prompt formats were recorded)."""
+    return (adapter_identity(adapter_path) or {}).get("prompt_format")

@@ -84,6 +84,15 @@ def stop_token_name(tokenizer, token_id: int) -> str:
     return str(tokenizer.id_to_token(int(token_id))).strip("<>")
 
 
+def decode_ids(tokenizer, ids: Sequence[int]) -> str:
+    """``tokenizer.detokenize`` as a Python string (keras-hub returns a tensor or bytes on some backends)."""
+    text = tokenizer.detokenize(np.asarray(ids, dtype="int32"))
+    if not isinstance(text, str):
+        text = keras.ops.convert_to_numpy(text).item()
+        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+    return text
+
+
 def _compiled_generate(model, cfg: GenerationConfig):
     """The model's compiled generate loop for this sampler, with the sampler's RNG rewound.
 
@@ -182,9 +191,6 @@ def _answer(tokenizer, prompt, token_ids, out_mask, prompt_mask, stops, cfg) -> 
     ended_by = stop_token_name(tokenizer, new[stop_at[0]]) if ended else None
     if ended:
         new = new[: stop_at[0]]
-    text = tokenizer.detokenize(new.astype("int32")) if len(new) else ""
-    if not isinstance(text, str):
-        text = keras.ops.convert_to_numpy(text).item()
-        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+    text = decode_ids(tokenizer, new) if len(new) else ""
     return GeneratedAnswer(prompt=prompt, text=text.strip(), new_tokens=len(new) + int(ended), ended=ended,
                            ended_by=ended_by)

@@ -34,6 +34,7 @@ import keras
 import numpy as np
 
 from gemma_core.decode import PREFILL_BUCKET, CompactDecoder, _updated
+from gemma_core.generation import decode_ids
 
 
 class StreamingDecoder(CompactDecoder):
@@ -132,15 +133,6 @@ class TextStream:
     def text(self) -> str:
         """Everything the answer holds so far, fully decoded."""
         return decode_ids(self.tokenizer, self.ids) if self.ids else ""
-
-
-def decode_ids(tokenizer, ids: Sequence[int]) -> str:
-    """``tokenizer.detokenize`` as a Python string (keras-hub returns a tensor or bytes on some backends)."""
-    text = tokenizer.detokenize(np.asarray(ids, dtype="int32"))
-    if not isinstance(text, str):
-        text = keras.ops.convert_to_numpy(text).item()
-        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
-    return text
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from prefect import task
 
+from gemma_core.checkpoints import adapter_identity, write_adapter_manifest
 from gemma_core.config import ExportConfig, GenerationConfig
 from tasks.caching import input_fingerprint
 from tasks.common import CACHED
@@ -46,6 +47,9 @@ def export_model(model: ModelResult, adapter: AdapterRef, out_root: str, export:
         paths = export_model_as(loaded, out_dir, export, generation, prompt_format)
         del loaded
         release()
+        if "adapter" in paths:  # what it was trained on travels with it (generate --model EXPORT_DIR reads it)
+            identity = adapter_identity(adapter.path) or {"prompt_format": prompt_format}
+            write_adapter_manifest(paths["adapter"], identity, exported_from=adapter.file.sha256)
     files = {str(p.relative_to(out_dir)): FileRef.of(p) for p in sorted(out_dir.rglob("*")) if p.is_file()}
     logger().info("exported the tuned model to %s", out_dir)
     return ExportResult(

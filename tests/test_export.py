@@ -1,5 +1,7 @@
 """Export: adapter, merged preset, Hugging Face safetensors that hold exactly base + adapter delta."""
 
+from pathlib import Path
+
 import keras_hub
 import numpy as np
 from safetensors.numpy import load_file
@@ -47,3 +49,31 @@ def test_exports_hold_base_plus_adapter_delta(tiny_preset, sample_splits, tmp_pa
     np.testing.assert_allclose(np.asarray(fresh(inputs)), expected, atol=1e-5)
     merged = keras_hub.models.CausalLM.from_preset(str(paths["keras_preset"]))
     np.testing.assert_allclose(np.asarray(merged(inputs)), expected, atol=1e-5)
+
+
+def test_export_stage_keeps_what_the_adapter_was_trained_on(tiny_preset, sample_splits, tmp_path):
+    """The exported adapter carries its training identity (adapter.manifest.json), so `generate --model
+    EXPORT_DIR` knows its prompt format and base model as it does for the training directory."""
+    from flows.model_choice import _training_identity
+    from gemma_core.checkpoints import adapter_identity
+    from gemma_core.config import ExportConfig, GenerationConfig
+    from tasks.export import export_model
+    from tasks.results import AdapterRef, FileRef, ModelResult
+
+    train, _ = sample_splits
+    model = keras_hub.models.CausalLM.from_preset(str(tiny_preset))
+    trained = train_lora(model, list(train["prompt"][:4]), list(train["response"][:4]),
+                         TrainConfig(max_steps=1, batch_size=2, sequence_length=64), LoraConfig(rank=2),
+                         tmp_path / "train", {"model_id": "tiny", "data_hash": "d", "prompt_format": "gemma_chat"})
+    base = ModelResult(stage="resolve-model", fingerprint="tiny", files={}, seconds=0.0, peak_rss_mb=0.0,
+                       spec=str(tiny_preset), preset_dir=str(tiny_preset), model_hash="tiny")
+    adapter = AdapterRef(file=FileRef.of(trained.adapter_path), lora={"rank": 2, "target_layer_names": None},
+                         prompt_format="gemma_chat")
+    out = export_model.fn(base, adapter, str(tmp_path / "runs"), ExportConfig(), GenerationConfig())
+
+    exported = Path(out.exports["adapter"])
+    assert "adapter.manifest.json" in out.files
+    assert adapter_identity(exported) == adapter_identity(trained.adapter_path)
+    assert _training_identity(exported)["prompt_format"] == "gemma_chat"
+    exported.write_bytes(exported.read_bytes() + b"changed")  # a changed file is vouched for no more
+    assert adapter_identity(exported) is None
