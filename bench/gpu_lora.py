@@ -1,79 +1,55 @@
-"""GPU benchmark (issue 7, item 6): LoRA training and batched generation of a Gemma 2B-sized model, JAX, bf16.
+"""GPU benchmark (issue 17, item 5): this project's own LoRA training and decoder on randomly
+initialised Gemma 3 models of about 1B and 4B parameters, bf16, JAX.
 
 NO GPU FIGURE HAS BEEN MEASURED WITH THIS SCRIPT YET. It was written on a machine without a GPU and
 checked there only with ``--smoke`` (a tiny config on CPU, which says nothing about GPU speed). Do not
-quote any number from it until it has run on an H200.
+quote any number from it until it has run on a GPU.
 
-What it does, in one process (a few minutes on an H200):
-1. The bf16 matrix-multiply rate of this GPU, measured here: jit(a @ b) on random bf16 8192x8192
-   matrices, 20 calls back to back per trial, timed with block_until_ready, best of 3 trials. It runs
-   again at the end; the higher of the two rates is the ceiling (so MFU is never flattered).
-2. LoRA training: keras_hub.models.GemmaBackbone with gemma_2b_en's exact dimensions (vocabulary 256000,
-   18 layers, hidden 2048, 8 query heads, 1 key/value head, head_dim 256, intermediate_dim 32768, which
-   keras-hub halves into two 16384-wide gate/up projections; 2,506,172,416 parameters, the preset's
-   metadata count) with random weights (no download; same FLOPs as the real ones),
-   ``backbone.enable_lora(rank=4)`` (keras-hub's default targets: query and value), AdamW
-   (lr 1e-4, weight decay 0.01), sparse categorical cross-entropy from logits on every position of random
-   tokens (no padding: every token is a trained token), dtype policy "bfloat16" (frozen weights and
-   compute in bf16; keras always makes the LoRA factors float32; ``--policy mixed_bfloat16`` keeps all
-   weights float32). The step is keras' own jitted JAX
-   ``train_on_batch`` (state donated), as the project's trainer uses it. Batch 8 x sequence 1024 by default;
-   2 warm-up steps (the first includes XLA compilation, reported), then 10 timed steps, each timed to the
-   returned loss (a host sync), median taken.
-3. Batched generation: ``GemmaCausalLM.generate`` of that same LoRA model, greedy sampler, no stop token
-   (so every row generates exactly --gen-new tokens), prompts of --gen-prompt random tokens, batch 32 by
-   default. The first call (compilation) is reported apart; then 3 timed calls, median.
-   New tokens/s = batch * new tokens / seconds.
+Per model size (``--sizes 1b,4b``), in one process:
+1. The bf16 matrix-multiply rate of this device, measured here: jit(a @ b) on random bf16 8192^2
+   matrices, 20 calls back to back per trial, best of 3 trials; again at the end; the higher of the
+   two is the ceiling (so MFU is never flattered).
+2. Training through :func:`gemma_core.lora_train.train_encoded`, the path ``gemma-lora run`` takes:
+   length buckets, the response-only head, AdamW, checkpoints, the per-step log. The examples are
+   made up (random token ids; prompt and response lengths drawn from a wide spread up to the sequence
+   length; the loss on the response), because the model is random and has no tokenizer: the device
+   image has no TensorFlow for keras-hub's tokenizer. The whole model is in bf16 (keras' "bfloat16"
+   policy; keras keeps the LoRA factors float32).
+3. Batched greedy decoding through :class:`gemma_core.decode.CompactDecoder` (the evaluation's and
+   ``generate``'s loop) with no stop token, so every row makes ``--gen-new`` tokens; the first call
+   (compilation) is reported apart, then the median of the timed calls.
 
-Model FLOPs per trained token (what MFU counts; weights frozen except the LoRA factors, so there are no
-weight-gradient matmuls for the 2.5B frozen parameters):
+Useful tokens/s is the steady state from ``train_log.jsonl``: real (non-padding) tokens over step
+time, leaving out each bucket shape's first step (it compiles). MFU counts the matmul FLOPs the
+training must do, as bench/bench_train.py does on CPU: 4 x N_body per useful token (forward, and the
+activation gradients through the frozen weights) plus 4 x V x d per response token (the tied head
+runs only there). Left out, so MFU is not flattered: attention scores (QK^T, PV; under 2% here at
+these lengths, less with Gemma 3's sliding windows), the LoRA factors, norms and the optimizer.
+Peak device memory is JAX's ``peak_bytes_in_use`` for the process, read after each size; the sizes
+run smallest first, so each figure is that size's own peak.
 
-    F = 4 * N_mm  +  12 * L * H * Dh * T_avg  +  6 * P_lora
-
-  N_mm  = matmul weights a token meets = L * (d*H*Dh + 2*d*K*Dh + H*Dh*d + 3*d*f) + V*d
-          (q, k, v, o projections, gate/up/down FFN with f = intermediate_dim / 2, and the output head
-          tied to the embedding; the embedding lookup itself is no matmul). 2 * N_mm for the forward
-          pass, 2 * N_mm again for the activation gradients of the backward pass.
-  attention: QK^T and PV are 4 * H * Dh FLOPs per (query, key) pair per layer forward, twice that
-          backward (dS, dP -> dQ, dK, dV) = 12 * L * H * Dh per pair; causal, so a token at position t
-          meets t + 1 keys: T_avg = (T + 1) / 2. (Counting the full T instead, as XLA may compute it,
-          would add about 2% to F at T = 1024; we do not.)
-  P_lora = L * r * ((H*d + Dh) + (K*d + Dh)), the adapter parameters keras makes for query and value
-          (A has the kernel's shape with the last axis replaced by r, B is r x Dh); 6 FLOPs each per
-          token, as if applied factored (about 0.03% of F; approximate).
-  Ignored: norms, softmax, rotary embeddings, the optimizer update (element-wise, tiny against the
-  matmuls), and that the first layer's input gradient is never needed (under 0.1% of F).
-  Not counted, though executed: keras' EinsumDense merges W + (alpha/r) A.B into the kernel on every
-  call, so the backward pass also computes a full-size kernel gradient for query and value
-  (2 * L * d * (H + K) * Dh FLOPs per token, about 1.7% of F for gemma_2b_en). That is the
-  implementation's overhead, not model work, so it lowers MFU rather than inflating it.
-  For gemma_2b_en: N_mm = 2,506,096,640, so F is about 10.02 GFLOP + 0.23 GFLOP of attention at T = 1024.
-
-  MFU = F * tokens per second / measured bf16 matmul rate. Issue 7's goal: at least 35%.
-
-Run on the device machine (NVIDIA H200; its image has jax with CUDA but no keras or keras-hub, so they
-travel as wheels, as /work/.library/device/README.md describes). Once, here, in the repository root:
+Run on the device machine: its image has JAX with CUDA but not keras, keras-hub or pydantic, which
+travel as wheels (/work/.library/device/README.md). Once, here, in the repository root:
 
     echo /.whl/ >> .git/info/exclude   # /.whl/ is also in .gitignore
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
-        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl keras==3.15.1 keras-hub==0.32.0 namex==0.1.0 optree==0.20.0
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
+        -d .whl keras==3.15.1 keras-hub==0.32.0 namex==0.1.0 optree==0.20.0 pydantic==2.14.4 \\
+        pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
 
-then one device ``run`` with carry [".whl"] and a timeout of about 420 s:
+(the versions of this project's lock: ``.venv/bin/python -m pip show NAME`` here), then one device
+``run`` with carry [".whl"] and a timeout of about 540 s:
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; \\
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \\
     KERAS_BACKEND=jax PYTHONUNBUFFERED=1 python3 bench/gpu_lora.py 2>&1 | tee $OUT/gpu_lora.log
 
-It prints a table and writes $OUT/gpu_lora.json (or --out PATH). keras-hub needs neither TensorFlow nor
-kagglehub for this (no tokenizer, no preset); the image's jax (0.11.x) is newer than the project's 0.10.
-On a machine without a GPU:
+It prints a table per size and writes $OUT/gpu_lora.json (or --out PATH). Without a GPU:
 
-    KERAS_BACKEND=jax .venv/bin/python bench/gpu_lora.py --smoke
+    .venv/bin/python bench/gpu_lora.py --smoke
 
-shrinks everything (a 2-layer, 64-wide model, 2 steps, 256^3 matmul) to check that the script runs.
+shrinks everything (a 2-layer, 64-wide model, a few steps, 256^3 matmuls) to check that it runs.
 """
 
 from __future__ import annotations
@@ -83,8 +59,8 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import argparse
+import gc
 import json
-import math
 import platform
 import statistics
 import sys
@@ -92,64 +68,44 @@ import tempfile
 import time
 from pathlib import Path
 
-# gemma_2b_en's backbone config (keras-hub preset "gemma_2b_en"; 2,506,172,416 parameters).
-GEMMA_2B_EN = {
-    "vocabulary_size": 256000,
-    "num_layers": 18,
-    "num_query_heads": 8,
-    "num_key_value_heads": 1,
-    "hidden_dim": 2048,
-    "intermediate_dim": 32768,  # keras-hub's GemmaBackbone splits it: two projections of 16384
-    "head_dim": 256,
-    "layer_norm_epsilon": 1e-6,
-}
-SMOKE = {
-    "vocabulary_size": 1024,
-    "num_layers": 2,
-    "num_query_heads": 2,
-    "num_key_value_heads": 1,
-    "hidden_dim": 64,
-    "intermediate_dim": 256,
-    "head_dim": 32,
-    "layer_norm_epsilon": 1e-6,
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+_GEMMA3 = dict(query_head_dim_normalize=True, use_query_key_norm=True, use_post_ffw_norm=True,
+               use_post_attention_norm=True, attention_logit_soft_cap=None, final_logit_soft_cap=None,
+               use_sliding_window_attention=True, layer_norm_epsilon=1e-6, image_size=None, vision_encoder=None)
+# The text models of Gemma 3 1B and 4B (their published configs; gate and up projections are each
+# intermediate_dim wide in Gemma 3).
+SIZES = {
+    "1b": dict(vocabulary_size=262144, num_layers=26, num_query_heads=4, num_key_value_heads=1, hidden_dim=1152,
+               intermediate_dim=6912, head_dim=256, sliding_window_size=512, **_GEMMA3),
+    "4b": dict(vocabulary_size=262144, num_layers=34, num_query_heads=8, num_key_value_heads=4, hidden_dim=2560,
+               intermediate_dim=10240, head_dim=256, sliding_window_size=1024, global_rope_scaling_factor=8.0,
+               **_GEMMA3),
+    "smoke": dict(vocabulary_size=1024, num_layers=2, num_query_heads=2, num_key_value_heads=1, hidden_dim=64,
+                  intermediate_dim=128, head_dim=32, sliding_window_size=64, **_GEMMA3),
 }
 
 
-def matmul_params(cfg: dict) -> int:
-    """N_mm: weights of the matmuls one token goes through (the tied head included, the lookup not)."""
-    d, H, K, Dh = cfg["hidden_dim"], cfg["num_query_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    f = cfg["intermediate_dim"] // 2
-    per_layer = d * H * Dh + 2 * d * K * Dh + H * Dh * d + 3 * d * f
-    return cfg["num_layers"] * per_layer + cfg["vocabulary_size"] * d
+def body_params(cfg: dict) -> int:
+    """N_body: the weights of the matmuls one token meets in the decoder blocks."""
+    d, H, K, Dh, f = (cfg[k] for k in ("hidden_dim", "num_query_heads", "num_key_value_heads", "head_dim",
+                                       "intermediate_dim"))
+    return cfg["num_layers"] * (d * H * Dh + 2 * d * K * Dh + H * Dh * d + 3 * d * f)
 
 
-def lora_params(cfg: dict, rank: int) -> int:
-    d, H, K, Dh = cfg["hidden_dim"], cfg["num_query_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    return cfg["num_layers"] * rank * ((H * d + Dh) + (K * d + Dh))  # keras' shapes, query + value
-
-
-def train_flops_per_token(cfg: dict, seq_len: int, rank: int) -> dict:
-    """Model FLOPs per trained token for LoRA with frozen weights (formula in the module docstring)."""
-    n_mm = matmul_params(cfg)
-    t_avg = (seq_len + 1) / 2
-    attn = 12 * cfg["num_layers"] * cfg["num_query_heads"] * cfg["head_dim"] * t_avg
-    lora = 6 * lora_params(cfg, rank)
-    return {"matmul": 4 * n_mm, "attention": attn, "lora": lora, "total": 4 * n_mm + attn + lora,
-            "n_mm": n_mm}
-
-
-def total_params(cfg: dict) -> int:
-    """All backbone parameters (for checking the config against the preset's count)."""
-    d, L = cfg["hidden_dim"], cfg["num_layers"]
-    norms = L * 2 * d + d
-    return matmul_params(cfg) + norms  # embedding == head (tied), counted once inside matmul_params
+def model_flops(cfg: dict, useful_tokens: int, response_tokens: int) -> float:
+    """Matmul FLOPs the training must do for these tokens (the module docstring's formula)."""
+    return 4 * body_params(cfg) * useful_tokens + 4 * cfg["vocabulary_size"] * cfg["hidden_dim"] * response_tokens
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def measure_matmul_rate(n: int, calls: int, trials: int = 3) -> dict:
+def measure_matmul_rate(n: int, calls: int, trials: int = 3) -> float:
+    """bf16 TFLOP/s of jit(a @ b) on n x n matrices, best of ``trials``."""
     import jax
     import jax.numpy as jnp
 
@@ -157,7 +113,7 @@ def measure_matmul_rate(n: int, calls: int, trials: int = 3) -> dict:
     a = jax.random.normal(ka, (n, n), dtype=jnp.bfloat16)
     b = jax.random.normal(kb, (n, n), dtype=jnp.bfloat16)
     f = jax.jit(lambda x, y: x @ y)
-    f(a, b).block_until_ready()  # compile + warm
+    f(a, b).block_until_ready()
     best = float("inf")
     for _ in range(trials):
         t = time.perf_counter()
@@ -165,118 +121,134 @@ def measure_matmul_rate(n: int, calls: int, trials: int = 3) -> dict:
             c = f(a, b)
         c.block_until_ready()
         best = min(best, (time.perf_counter() - t) / calls)
-    del a, b, c
-    return {"n": n, "calls_per_trial": calls, "trials": trials, "seconds_per_matmul": best,
-            "tflops": 2 * n ** 3 / best / 1e12}
-
-
-def device_info() -> dict:
-    import jax
-
-    dev = jax.devices()[0]
-    info = {"platform": dev.platform, "device_kind": getattr(dev, "device_kind", str(dev)),
-            "device_count": jax.device_count()}
-    return info
+    return 2 * n ** 3 / best / 1e12
 
 
 def peak_device_memory_gib() -> float | None:
     import jax
 
     try:
-        stats = jax.devices()[0].memory_stats()
-    except Exception:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # CPU devices may have none
         return None
-    if not stats or "peak_bytes_in_use" not in stats:
-        return None
-    return stats["peak_bytes_in_use"] / 2 ** 30
+    return stats["peak_bytes_in_use"] / 2 ** 30 if "peak_bytes_in_use" in stats else None
 
 
-def build_model(cfg: dict, rank: int, lr: float, weight_decay: float):
-    import keras
-    import keras_hub
-
-    backbone = keras_hub.models.GemmaBackbone(**cfg)  # random initialisation
-    lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
-    backbone.enable_lora(rank=rank)  # keras-hub default targets: query and value
-    optimizer = keras.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay)
-    optimizer.exclude_from_weight_decay(var_names=["bias", "scale"])
-    lm.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        weighted_metrics=[],
-        sampler="greedy",
-    )
-    return lm
-
-
-def fused_attention_used(lm) -> bool | None:
-    try:
-        layer = lm.backbone.transformer_layers[0].attention
-        return bool(layer._use_fused_attention_op())
-    except Exception:
-        return None
-
-
-def bench_train(lm, cfg: dict, batch: int, seq_len: int, warmup: int, steps: int, seed: int) -> dict:
-    import jax.numpy as jnp
+def made_up_examples(n: int, sequence_length: int, vocabulary_size: int, seed: int):
+    """``n`` examples in :class:`~gemma_core.encoding.EncodedExamples`' layout: a start token, a prompt,
+    a response closed by the end token, padding; the loss weight on the response and its end token."""
     import numpy as np
+
+    from gemma_core.encoding import EncodedExamples
 
     rng = np.random.default_rng(seed)
-    ids = rng.integers(1, cfg["vocabulary_size"], size=(batch, seq_len + 1), dtype=np.int32)
-    x = {"token_ids": jnp.asarray(ids[:, :-1]), "padding_mask": jnp.ones((batch, seq_len), dtype="int32")}
-    y = jnp.asarray(ids[:, 1:])
-    sw = jnp.ones((batch, seq_len), dtype="float32")
-
-    warm_seconds, losses = [], []
-    for _ in range(warmup):
-        t = time.perf_counter()
-        loss = float(lm.train_on_batch(x, y, sample_weight=sw))
-        warm_seconds.append(time.perf_counter() - t)
-        losses.append(loss)
-        log(f"  warm-up step {len(warm_seconds)}: {warm_seconds[-1]:.2f} s, loss {loss:.4f}")
-    step_seconds = []
-    for i in range(steps):
-        t = time.perf_counter()
-        loss = float(lm.train_on_batch(x, y, sample_weight=sw))
-        step_seconds.append(time.perf_counter() - t)
-        losses.append(loss)
-    log(f"  {steps} timed steps: median {statistics.median(step_seconds):.4f} s, "
-        f"min {min(step_seconds):.4f} s, loss {losses[-1]:.4f}")
-    if not all(np.isfinite(losses)):
-        log("  WARNING: non-finite loss")
-    return {"batch": batch, "sequence_length": seq_len, "tokens_per_step": batch * seq_len,
-            "warmup_step_seconds": warm_seconds, "step_seconds": step_seconds,
-            "median_step_seconds": statistics.median(step_seconds), "losses": losses}
+    token_ids = np.zeros((n, sequence_length), "int32")
+    labels = np.zeros((n, sequence_length), "int32")
+    weight = np.zeros((n, sequence_length), "float32")
+    mask = np.zeros((n, sequence_length), bool)
+    for i in range(n):
+        length = int(rng.integers(sequence_length // 8, sequence_length + 1))  # start .. end token, inclusive
+        prompt = int(rng.integers(2, max(3, length // 2)))  # the start token and the prompt
+        row = rng.integers(3, vocabulary_size, size=length + 1).astype("int32")
+        row[0], row[length] = 2, 1  # <bos> ... <eos>
+        token_ids[i, :length] = row[:length]
+        labels[i, :length] = row[1:length + 1]
+        weight[i, prompt - 1:length] = 1.0  # labels from the response's first token to the end token
+        mask[i, :length] = True
+    return EncodedExamples(token_ids, mask, labels, weight, np.arange(n))
 
 
-def bench_generate(lm, cfg: dict, batch: int, prompt_len: int, new_tokens: int, calls: int,
-                   seed: int) -> dict:
+def build_model(cfg: dict):
+    import keras_hub
+
+    backbone = keras_hub.models.Gemma3Backbone(**cfg)  # random initialisation, in the global dtype policy
+    return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
+
+
+def steady_state(log_path: Path, cfg: dict) -> dict:
+    """Useful tokens/s and model FLOP/s over the steps after each shape's first (compiling) one."""
+    steps = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    seen, kept = set(), []
+    for step in steps:
+        shape = tuple(step["shape"])
+        if shape in seen:
+            kept.append(step)
+        seen.add(shape)
+    seconds = sum(s["seconds"] for s in kept)
+    useful = sum(s["useful_tokens"] for s in kept)
+    response = sum(s["response_tokens"] for s in kept)
+    first = steps[0]["seconds"] if steps else None
+    return {"steps": len(steps), "steady_steps": len(kept), "shapes": len(seen), "first_step_seconds": first,
+            "compile_steps_seconds": sum(s["seconds"] for s in steps) - seconds,
+            "useful_tokens_per_s": useful / seconds if seconds else None,
+            "model_flops_per_s": model_flops(cfg, useful, response) / seconds if seconds else None,
+            "losses_first_last": [steps[0]["loss"], steps[-1]["loss"]] if steps else None}
+
+
+def bench_train(lm, cfg: dict, args, out_dir: Path) -> dict:
+    from gemma_core.config import LoraConfig, TrainConfig
+    from gemma_core.lora_train import train_encoded
+
+    examples = made_up_examples(args.examples, args.seq, cfg["vocabulary_size"], args.seed)
+    train_cfg = TrainConfig(sequence_length=args.seq, batch_size=args.batch, epochs=args.epochs,
+                            learning_rate=1e-4, checkpoint_every=10_000, seed=args.seed)
+    t = time.perf_counter()
+    result = train_encoded(lm, examples, train_cfg, LoraConfig(rank=args.rank), out_dir,
+                           {"model_id": "random", "data_hash": "made-up"})
+    wall = time.perf_counter() - t
+    figures = steady_state(result.log_path, cfg)
+    log(f"  {result.steps} steps in {wall:.1f} s ({figures['shapes']} shapes; first step "
+        f"{figures['first_step_seconds']:.1f} s); steady: {figures['useful_tokens_per_s']:.0f} useful tok/s")
+    return {"examples": args.examples, "sequence_length": args.seq, "batch": args.batch, "epochs": args.epochs,
+            "rank": args.rank, "wall_seconds": wall, **figures}
+
+
+def bench_generate(lm, cfg: dict, batch: int, args) -> dict:
+    import keras_hub
     import numpy as np
 
-    rng = np.random.default_rng(seed + 1)
-    total = prompt_len + new_tokens
-    token_ids = np.zeros((batch, total), dtype=np.int32)
-    token_ids[:, :prompt_len] = rng.integers(1, cfg["vocabulary_size"], size=(batch, prompt_len))
-    padding_mask = np.zeros((batch, total), dtype=bool)
-    padding_mask[:, :prompt_len] = True
-    inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+    from gemma_core.decode import CompactDecoder
 
-    def call():
+    rng = np.random.default_rng(args.seed + batch)
+    lengths = rng.integers(args.gen_prompt // 2, args.gen_prompt + 1, size=batch)
+    token_ids = np.zeros((batch, args.gen_prompt + args.gen_new), "int32")
+    for i, length in enumerate(lengths):
+        token_ids[i, :length] = rng.integers(3, cfg["vocabulary_size"], size=length)
+        token_ids[i, 0] = 2
+    decoder = CompactDecoder(lm, keras_hub.samplers.GreedySampler(), stop_token_ids=())
+
+    def call() -> float:
         t = time.perf_counter()
-        out = lm.generate(inputs, stop_token_ids=None)
-        np.asarray(out["token_ids"])  # already numpy (keras-hub converts); forces the sync regardless
-        return time.perf_counter() - t, out
+        out, ends, _ = decoder(token_ids, lengths, args.gen_new, decoder.initial_sampler_state())
+        assert (ends - lengths == args.gen_new).all(), "every row makes --gen-new tokens (no stop token)"
+        return time.perf_counter() - t
 
-    first_seconds, out = call()
-    generated = int(np.asarray(out["padding_mask"]).sum()) - batch * prompt_len
-    log(f"  batch {batch}: first call (compile) {first_seconds:.1f} s")
-    seconds = [call()[0] for _ in range(calls)]
-    med = statistics.median(seconds)
-    rate = batch * new_tokens / med
-    log(f"  batch {batch}: median {med:.3f} s for {batch} x {new_tokens} new tokens -> {rate:.1f} new tok/s")
-    return {"batch": batch, "prompt_tokens": prompt_len, "new_tokens_per_row": new_tokens,
-            "generated_tokens_first_call": generated, "first_call_seconds": first_seconds,
-            "seconds": seconds, "median_seconds": med, "new_tokens_per_s": rate}
+    first = call()
+    timed = [call() for _ in range(args.gen_calls)]
+    median = statistics.median(timed)
+    rate = batch * args.gen_new / median
+    log(f"  batch {batch}: first call {first:.1f} s, then {median:.3f} s -> {rate:.1f} new tok/s")
+    return {"batch": batch, "prompt_tokens_max": args.gen_prompt, "new_tokens_per_row": args.gen_new,
+            "first_call_seconds": first, "seconds": timed, "new_tokens_per_s": rate}
+
+
+def bench_size(size: str, args, work: Path) -> dict:
+    import keras
+
+    cfg = SIZES[size]
+    keras.config.set_dtype_policy(args.policy)
+    keras.utils.set_random_seed(args.seed)
+    t = time.perf_counter()
+    lm = build_model(cfg)
+    built = time.perf_counter() - t
+    params = lm.backbone.count_params()
+    log(f"{size}: {params:,} parameters, built in {built:.1f} s; training {args.examples} examples of up to "
+        f"{args.seq} tokens, batch {args.batch}, rank {args.rank}")
+    train = bench_train(lm, cfg, args, work / f"train-{size}")
+    generate = [bench_generate(lm, cfg, b, args) for b in args.gen_batches]
+    return {"size": size, "config": {k: v for k, v in cfg.items() if k != "vision_encoder"}, "parameters": params,
+            "build_seconds": built, "train": train, "generate": generate,
+            "peak_device_memory_gib": peak_device_memory_gib()}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -288,135 +260,83 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="tiny config, 2 steps: a CPU check that it runs")
+    p.add_argument("--smoke", action="store_true", help="a tiny model and a few steps: a CPU check that it runs")
+    p.add_argument("--sizes", default="1b,4b", help=f"comma-separated, of {', '.join(SIZES)}")
+    p.add_argument("--examples", type=int, default=256)
+    p.add_argument("--seq", type=int, default=1024, help="sequence length (examples are up to this long)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--policy", default="bfloat16", choices=["bfloat16", "mixed_bfloat16"])
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--policy", default="bfloat16", choices=["bfloat16", "mixed_bfloat16", "float32"])
     p.add_argument("--matmul-n", type=int, default=8192)
     p.add_argument("--matmul-calls", type=int, default=20)
-    p.add_argument("--gen-batches", default="32", help="comma-separated batch sizes, e.g. 1,8,32")
-    p.add_argument("--gen-prompt", type=int, default=128)
+    p.add_argument("--gen-batches", default="1,32", help="comma-separated batch sizes")
+    p.add_argument("--gen-prompt", type=int, default=256, help="longest prompt (prompts are half to all of it)")
     p.add_argument("--gen-new", type=int, default=128)
     p.add_argument("--gen-calls", type=int, default=3)
-    p.add_argument("--no-generate", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON path (default: $OUT/gpu_lora.json if OUT is set)")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: $OUT/gpu_lora.json if OUT is set)")
     args = p.parse_args(argv)
-
-    cfg = dict(GEMMA_2B_EN)
     if args.smoke:
-        cfg = dict(SMOKE)
-        args.batch, args.seq, args.warmup, args.steps = 2, 32, 1, 2
-        args.matmul_n, args.matmul_calls = 256, 3
-        args.gen_batches, args.gen_prompt, args.gen_new, args.gen_calls = "2", 8, 8, 1
-    gen_batches = [int(b) for b in args.gen_batches.split(",") if b.strip()]
+        args.sizes, args.examples, args.seq, args.batch, args.rank = "smoke", 24, 64, 4, 2
+        args.matmul_n, args.matmul_calls, args.gen_batches, args.gen_prompt, args.gen_new, args.gen_calls = \
+            256, 3, "1,4", 16, 8, 1
+    args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in args.sizes if s not in SIZES]
+    if unknown:
+        p.error(f"--sizes {','.join(unknown)}: unknown; use {', '.join(SIZES)}")
+    args.gen_batches = [int(b) for b in args.gen_batches.split(",") if b.strip()]
+    return args
 
-    t_start = time.perf_counter()
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
     import jax
     import keras
     import keras_hub
 
-    if keras.backend.backend() != "jax":
-        sys.exit(f"KERAS_BACKEND must be jax, got {keras.backend.backend()}")
-    dev = device_info()
-    log(f"gpu_lora: {dev['device_kind']} ({dev['platform']}), jax {jax.__version__}, "
-        f"keras {keras.__version__}, "
-        f"keras-hub {keras_hub.__version__}, policy {args.policy}{', SMOKE' if args.smoke else ''}")
-    if dev["platform"] != "gpu" and not args.smoke:
+    import gemma_core  # noqa: F401  (the project's backend defaults)
+
+    if keras.config.backend() != "jax":
+        sys.exit(f"KERAS_BACKEND must be jax, got {keras.config.backend()}")
+    device = jax.devices()[0]
+    log(f"gpu_lora: {getattr(device, 'device_kind', device)} ({device.platform}), jax {jax.__version__}, "
+        f"keras {keras.__version__}, keras-hub {keras_hub.__version__}, policy {args.policy}"
+        f"{', SMOKE' if args.smoke else ''}")
+    if device.platform != "gpu" and not args.smoke:
         log("WARNING: no GPU found; these are not GPU figures")
+    before = measure_matmul_rate(args.matmul_n, args.matmul_calls)
+    log(f"bf16 matmul {args.matmul_n}^3: {before:.1f} TFLOP/s")
+    sizes = []
+    with tempfile.TemporaryDirectory(prefix="gpu-lora-") as work:
+        for size in args.sizes:
+            sizes.append(bench_size(size, args, Path(work)))
+            keras.backend.clear_session()  # the last size's model and programs go before the next one
+            gc.collect()
+    after = measure_matmul_rate(args.matmul_n, args.matmul_calls)
+    ceiling = max(before, after)
+    log(f"bf16 matmul again: {after:.1f} TFLOP/s; ceiling {ceiling:.1f}")
 
-    log(f"1. bf16 matmul {args.matmul_n}^3")
-    mm_before = measure_matmul_rate(args.matmul_n, args.matmul_calls)
-    log(f"  {mm_before['tflops']:.1f} TFLOP/s")
-
-    keras.config.set_dtype_policy(args.policy)
-    keras.utils.set_random_seed(args.seed)
-    log(f"2. LoRA training: {cfg['num_layers']} layers, hidden {cfg['hidden_dim']}, "
-        f"vocab {cfg['vocabulary_size']}, "
-        f"rank {args.rank}, batch {args.batch} x {args.seq}")
-    t = time.perf_counter()
-    lm = build_model(cfg, args.rank, args.lr, args.weight_decay)
-    build_seconds = time.perf_counter() - t
-    n_params = lm.backbone.count_params()
-    n_trainable = sum(math.prod(v.shape) for v in lm.backbone.trainable_variables)
-    log(f"  built in {build_seconds:.1f} s: {n_params:,} parameters ({n_trainable:,} trainable, "
-        f"expected {total_params(cfg) + lora_params(cfg, args.rank):,} in all)")
-    train = bench_train(lm, cfg, args.batch, args.seq, args.warmup, args.steps, args.seed)
-    flops = train_flops_per_token(cfg, args.seq, args.rank)
-    train["tokens_per_s"] = train["tokens_per_step"] / train["median_step_seconds"]
-    train["model_tflops_per_s"] = flops["total"] * train["tokens_per_s"] / 1e12
-    train["peak_device_memory_gib_after_train"] = peak_device_memory_gib()
-
-    gens = []
-    if not args.no_generate:
-        log(f"3. generation: greedy, prompt {args.gen_prompt}, {args.gen_new} new tokens, no stop token")
-        for b in gen_batches:
-            gens.append(bench_generate(lm, cfg, b, args.gen_prompt, args.gen_new, args.gen_calls, args.seed))
-
-    log("4. bf16 matmul again")
-    mm_after = measure_matmul_rate(args.matmul_n, args.matmul_calls)
-    log(f"  {mm_after['tflops']:.1f} TFLOP/s")
-    ceiling = max(mm_before["tflops"], mm_after["tflops"])
-    train["mfu"] = train["model_tflops_per_s"] / ceiling
-
-    result = {
-        "script": "bench/gpu_lora.py",
-        "smoke": args.smoke,
-        "measured_on_gpu": dev["platform"] == "gpu",
-        "device": dev,
-        "host": {"python": platform.python_version(), "platform": platform.platform(),
-                 "cpu_count": os.cpu_count()},
-        "versions": {"jax": jax.__version__, "keras": keras.__version__, "keras_hub": keras_hub.__version__},
-        "dtype_policy": args.policy,
-        "config": cfg,
-        "parameters": n_params,
-        "trainable_parameters": n_trainable,
-        "lora_rank": args.rank,
-        "lora_targets": "keras-hub default (query, value)",
-        "fused_attention_op": fused_attention_used(lm),
-        "flops_per_token": flops,
-        "matmul": {"before": mm_before, "after": mm_after, "ceiling_tflops": ceiling},
-        "build_seconds": build_seconds,
-        "train": train,
-        "generate": gens,
-        "peak_device_memory_gib": peak_device_memory_gib(),
-        "total_seconds": time.perf_counter() - t_start,
-    }
-
-    rows = [("bf16 matmul ceiling", f"{ceiling:.1f} TFLOP/s (before {mm_before['tflops']:.1f}, "
-                                    f"after {mm_after['tflops']:.1f})"),
-            ("model FLOPs / token", f"{flops['total'] / 1e9:.3f} GFLOP (matmul {flops['matmul'] / 1e9:.3f}, "
-                                    f"attention {flops['attention'] / 1e9:.3f})"),
-            ("train first step", f"{train['warmup_step_seconds'][0]:.1f} s (compile included)"
-             if train["warmup_step_seconds"] else "-"),
-            ("train step (median)",
-             f"{train['median_step_seconds']:.4f} s for {train['tokens_per_step']} tokens"),
-            ("train tokens/s", f"{train['tokens_per_s']:.1f}"),
-            ("model TFLOP/s", f"{train['model_tflops_per_s']:.2f}"),
-            ("MFU", f"{100 * train['mfu']:.1f}% of the measured matmul rate (goal >= 35%)")]
-    for g in gens:
-        rows.append((f"generate batch {g['batch']}", f"{g['new_tokens_per_s']:.1f} new tok/s "
-                                                      f"(first call {g['first_call_seconds']:.1f} s)"))
-    mem = result["peak_device_memory_gib"]
-    rows.append(("peak device memory", f"{mem:.1f} GiB" if mem is not None else "n/a"))
-    rows.append(("total wall", f"{result['total_seconds']:.0f} s"))
-    width = max(len(k) for k, _ in rows)
-    title = "gpu_lora results" + (" (SMOKE: tiny config, not a benchmark)" if args.smoke else "")
-    log("\n" + title)
-    for k, v in rows:
-        log(f"  {k:<{width}}  {v}")
-
-    out = args.out
-    if out is None and os.environ.get("OUT"):
-        out = Path(os.environ["OUT"]) / "gpu_lora.json"
+    log("\ngpu_lora results" + (" (SMOKE: a tiny model on this machine, not a benchmark)" if args.smoke else ""))
+    for s in sizes:
+        train = s["train"]
+        s["train"]["mfu"] = train["model_flops_per_s"] / 1e12 / ceiling if train["model_flops_per_s"] else None
+        mem = s["peak_device_memory_gib"]
+        log(f"  {s['size']}: {s['parameters'] / 1e9:.2f} B parameters; useful {train['useful_tokens_per_s']:.0f} tok/s, "
+            f"MFU {100 * (train['mfu'] or 0):.1f}% (goal at 4B: 40%), first step {train['first_step_seconds']:.1f} s, "
+            f"peak memory {'n/a' if mem is None else f'{mem:.1f} GiB'}; "
+            + ", ".join(f"generate batch {g['batch']} {g['new_tokens_per_s']:.1f} new tok/s" for g in s["generate"]))
+    result = {"script": "bench/gpu_lora.py", "smoke": args.smoke, "measured_on_gpu": device.platform == "gpu",
+              "device": {"platform": device.platform, "kind": getattr(device, "device_kind", str(device)),
+                         "count": jax.device_count()},
+              "host": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
+              "versions": {"jax": jax.__version__, "keras": keras.__version__, "keras_hub": keras_hub.__version__},
+              "policy": args.policy, "matmul_tflops": {"before": before, "after": after, "ceiling": ceiling},
+              "sizes": sizes, "total_seconds": time.perf_counter() - started}
+    out = args.out or (Path(os.environ["OUT"]) / "gpu_lora.json" if os.environ.get("OUT") else None)
     if out is not None:
         write_json_atomic(Path(out), result)
         log(f"wrote {out}")

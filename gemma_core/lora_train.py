@@ -35,7 +35,7 @@ from gemma_core.batching import TrainingSchedule, step_arrays
 from gemma_core.checkpoints import latest_valid_checkpoint, restore_optimizer, save_checkpoint, write_adapter_manifest
 from gemma_core.config import LoraConfig, TrainConfig
 from gemma_core.distribute import data_parallel_devices
-from gemma_core.encoding import encode_examples
+from gemma_core.encoding import EncodedExamples, encode_examples
 from gemma_core.models import enable_lora
 from gemma_core.response_head import ResponseCrossEntropy, ResponseOnlyLM
 
@@ -118,19 +118,34 @@ def train_lora(
     and it is recorded beside the final adapter (``adapter.manifest.json``).
     ``stop_after_steps`` ends the call early (the run stays resumable), as an interrupted run would.
     """
+    if len(prompts) == 0:
+        raise EmptyTrainingSetError("the training split is empty: check data.source and data.train_limit")
+    model.preprocessor.sequence_length = cfg.sequence_length
+    examples = encode_examples(model.preprocessor, prompts, responses, cfg.sequence_length)
+    if len(examples) == 0:
+        raise EmptyTrainingSetError(
+            f"no training example fits train.sequence_length={cfg.sequence_length}: raise it"
+        )
+    return train_encoded(model, examples, cfg, lora, out_dir, run_identity, on_step, stop_after_steps)
+
+
+def train_encoded(
+    model,
+    examples: EncodedExamples,
+    cfg: TrainConfig,
+    lora: LoraConfig,
+    out_dir: str | Path,
+    run_identity: dict[str, Any],
+    on_step: Callable[[StepReport], None] | None = None,
+    stop_after_steps: int | None = None,
+) -> TrainResult:
+    """:func:`train_lora` on examples already encoded (:func:`gemma_core.encoding.encode_examples`'s
+    arrays, or made up: ``bench/gpu_lora.py`` trains a model that has no tokenizer this way)."""
     out_dir = Path(out_dir)
     with _one_trainer(out_dir):
-        # --- setup: seed, adapters, examples, optimizer, schedule ---------------------------------
-        if len(prompts) == 0:
-            raise EmptyTrainingSetError("the training split is empty: check data.source and data.train_limit")
+        # --- setup: seed, adapters, optimizer, schedule -------------------------------------------
         keras.utils.set_random_seed(cfg.seed)
         enable_lora(model, lora)
-        model.preprocessor.sequence_length = cfg.sequence_length
-        examples = encode_examples(model.preprocessor, prompts, responses, cfg.sequence_length)
-        if len(examples) == 0:
-            raise EmptyTrainingSetError(
-                f"no training example fits train.sequence_length={cfg.sequence_length}: raise it"
-            )
         # The response-only head shares the backbone, so LoRA weights and checkpoints are the same.
         trainer = ResponseOnlyLM(model.backbone) if cfg.response_only_head else model
         compile_for_training(trainer, cfg)
