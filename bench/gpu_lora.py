@@ -167,18 +167,15 @@ def build_model(cfg: dict):
 
 def steady_state(log_path: Path, cfg: dict) -> dict:
     """Useful tokens/s and model FLOP/s over the steps after each shape's first (compiling) one."""
-    steps = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    seen, kept = set(), []
-    for step in steps:
-        shape = tuple(step["shape"])
-        if shape in seen:
-            kept.append(step)
-        seen.add(shape)
+    from gemma_core.lora_train import read_train_log, steady_steps
+
+    steps = read_train_log(log_path)
+    kept = steady_steps(steps)
     seconds = sum(s["seconds"] for s in kept)
     useful = sum(s["useful_tokens"] for s in kept)
     response = sum(s["response_tokens"] for s in kept)
-    first = steps[0]["seconds"] if steps else None
-    return {"steps": len(steps), "steady_steps": len(kept), "shapes": len(seen), "first_step_seconds": first,
+    return {"steps": len(steps), "steady_steps": len(kept), "shapes": len({tuple(s["shape"]) for s in steps}),
+            "first_step_seconds": steps[0]["seconds"] if steps else None,
             "compile_steps_seconds": sum(s["seconds"] for s in steps) - seconds,
             "useful_tokens_per_s": useful / seconds if seconds else None,
             "model_flops_per_s": model_flops(cfg, useful, response) / seconds if seconds else None,

@@ -218,6 +218,24 @@ def train_encoded(
     )
 
 
+def read_train_log(log_path: str | Path) -> list[dict[str, Any]]:
+    """The per-step records of ``train_log.jsonl``."""
+    return [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+
+
+def steady_steps(steps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The logged steps after each batch shape's first one (which compiled that shape): the steady
+    state that throughput is measured on when one epoch is all there is."""
+    seen: set[tuple[int, ...]] = set()
+    kept = []
+    for step in steps:
+        shape = tuple(step["shape"])
+        if shape in seen:
+            kept.append(step)
+        seen.add(shape)
+    return kept
+
+
 @contextlib.contextmanager
 def _one_trainer(out_dir: Path):
     """Two processes training into one ``out_dir`` (two pipeline runs started at once) would append to

@@ -104,6 +104,7 @@ def load_model(
     ``lora`` enables LoRA as training does (rank and target layers); ``adapter`` then loads trained
     LoRA weights (a ``.lora.h5`` file) into it.
     """
+    import keras
     import keras_hub
 
     if adapter is not None and lora is None:
@@ -113,6 +114,10 @@ def load_model(
         model = keras_hub.models.CausalLM.from_preset(preset)
     except (FileNotFoundError, ValueError) as err:
         raise ModelResolutionError(f"keras-hub could not load model spec {spec!r} (preset {preset}): {err}") from err
+    if keras.config.backend() == "tensorflow":
+        # Keras turns XLA off for TensorFlow on a machine with no accelerator; keras-hub's generate loop
+        # and the held-out loss then run op by op, several times slower (bench/RESULTS.md, Backends).
+        model.jit_compile = True
     if lora is not None:
         enable_lora(model, lora)
     if adapter is not None:

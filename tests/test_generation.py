@@ -150,3 +150,40 @@ def test_answer_stops_at_end_of_sequence_and_respects_max_new_tokens(tiny_model)
 
 def test_empty_prompt_list(tiny_model):
     assert generate_answers(tiny_model, [], GenerationConfig()).answers == []
+
+
+_TENSORFLOW_XLA = r"""
+import json, sys
+import keras
+from gemma_core.config import GenerationConfig
+from gemma_core.generation import generate_answers
+from gemma_core.models import load_model
+
+prompts = ["Instruction:\nName a colour.\n\nResponse:\n", "Instruction:\nWhat is a cat?\n\nResponse:\n"] * 2
+cfg = GenerationConfig(max_new_tokens=24, batch_size=4)
+model = load_model(sys.argv[1])
+with_xla = model.jit_compile
+answers = [a.text for a in generate_answers(model, prompts, cfg).answers]
+model = load_model(sys.argv[1])
+model.jit_compile = False
+print("RESULT" + json.dumps({"backend": keras.config.backend(), "jit_compile": with_xla, "same": answers == [
+    a.text for a in generate_answers(model, prompts, cfg).answers]}))
+"""
+
+
+@pytest.mark.slow
+def test_tensorflow_generates_with_xla_and_the_same_answers(tiny_preset):
+    """On TensorFlow, load_model asks for XLA (Keras leaves it off on a CPU-only machine, and keras-hub's
+    generate loop then runs op by op: bench/RESULTS.md, Backends); greedy answers do not change."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, "-c", _TENSORFLOW_XLA, str(tiny_preset)], env=env, cwd=repo,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.split("RESULT", 1)[1]) == {"backend": "tensorflow", "jit_compile": True, "same": True}
