@@ -44,7 +44,9 @@ for label, overrides in (("default lr5e-4 40 steps", {}), ("lr 2e-3 40 steps", {
     t = time.perf_counter()
     m = keras_hub.models.CausalLM.from_preset(preset)
     tc = cfg.train.model_copy(update=overrides)
-    r = train_lora(m, list(train["prompt"]), list(train["completion"]), tc, cfg.lora, tmp / label.replace(" ", "_"),
+    # LoRA alone, as measured before the turn markers' rows trained too (lora.trainable_tokens).
+    r = train_lora(m, list(train["prompt"]), list(train["completion"]), tc, cfg.lora.model_copy(update={"trainable_tokens": ()}),
+                   tmp / label.replace(" ", "_"),
                    run_identity={"model_id": "x", "data_hash": "y", "prompt_format": "gemma_chat"})
     probe(m, f"{label} ({r.steps} steps, {time.perf_counter() - t:.0f} s, final loss {r.losses[-1]:.3f})")
     del m

@@ -30,6 +30,9 @@ class AdapterFile:
     rank: int
     # layer index (keras-hub's: among the backbone's layers that have weights) -> (A shape, B shape)
     layers: dict[int, tuple[tuple[int, ...], tuple[int, ...]]]
+    # trainable token rows (gemma_core.token_rows): their ids and the width of each delta
+    token_rows: tuple[int, ...] = ()
+    token_row_width: int | None = None
 
 
 def read_adapter_file(path: str | Path) -> AdapterFile:
@@ -44,10 +47,13 @@ def read_adapter_file(path: str | Path) -> AdapterFile:
             layers = {int(name): (tuple(group["vars"]["lora_kernel_a"].shape),
                                   tuple(group["vars"]["lora_kernel_b"].shape))
                       for name, group in lora.items() if name.isdigit()}
+            rows = f.get("token_rows")
+            token_rows = tuple(int(t) for t in rows["ids"][()]) if rows is not None else ()
+            row_width = int(rows["deltas"].shape[1]) if rows is not None else None
     except (OSError, KeyError, ValueError, TypeError) as err:
         raise AdapterMismatchError(f"{path} is not a keras-hub LoRA adapter ({type(err).__name__}: {err}); "
                                    f"pass a {ADAPTER_SUFFIX} file written by training or `gemma-lora export`") from None
-    return AdapterFile(path, rank, layers)
+    return AdapterFile(path, rank, layers, token_rows, row_width)
 
 
 def check_adapter_fits(model, adapter: AdapterFile) -> None:
@@ -68,6 +74,13 @@ def check_adapter_fits(model, adapter: AdapterFile) -> None:
                 f"adapter {adapter.path} was trained on another base model: its layer {index} has LoRA factors "
                 f"of shapes {list(adapter.layers[index])}, this model's are {list(expected[index])}. Load it "
                 "with the model it was tuned on (--set model.spec=...; `gemma-lora champion` shows the spec)")
+    embedding = backbone.token_embedding
+    if adapter.token_rows and (adapter.token_row_width != embedding.output_dim
+                               or max(adapter.token_rows) >= embedding.input_dim):
+        raise AdapterMismatchError(
+            f"adapter {adapter.path} was trained on another base model: it tunes the embedding rows of tokens "
+            f"{list(adapter.token_rows)} with width {adapter.token_row_width}, this model has {embedding.input_dim} "
+            f"tokens of width {embedding.output_dim}. Load it with the model it was tuned on (--set model.spec=...)")
     if set(expected) != set(adapter.layers):
         raise AdapterMismatchError(
             f"adapter {adapter.path} has LoRA weights for {len(adapter.layers)} layers "
@@ -79,4 +92,6 @@ def check_adapter_fits(model, adapter: AdapterFile) -> None:
 def load_checked_adapter(model, adapter: AdapterFile) -> None:
     """Check, then load the adapter's weights into ``model`` (LoRA enabled as in training)."""
     check_adapter_fits(model, adapter)
-    model.backbone.load_lora_weights(str(adapter.path))
+    from gemma_core.token_rows import load_adapter
+
+    load_adapter(model.backbone, adapter.path)

@@ -40,6 +40,7 @@ IDENTITY_FIXES = {
     "prompt_format": "set data.prompt_format back (--set data.prompt_format=...), or use a fresh output directory",
     "lora_rank": "set lora.rank back, or use a fresh output directory",
     "lora_targets": "set lora.target_layer_names back, or use a fresh output directory",
+    "trainable_tokens": "set lora.trainable_tokens back, or use a fresh output directory",
     "data_hash": "train on the same data, or use a fresh output directory",
     "batch_size": "set train.batch_size back, or use a fresh output directory",
     "sequence_length": "set train.sequence_length back, or use a fresh output directory",
@@ -68,7 +69,9 @@ def save_checkpoint(
     target = ckpt_root / f"step-{step:08d}"
     _check_room(target, backbone, optimizer)
     with atomic_directory(target) as tmp:
-        backbone.save_lora_weights(str(tmp / ADAPTER_FILE))
+        from gemma_core.token_rows import save_adapter
+
+        save_adapter(backbone, tmp / ADAPTER_FILE)
         values = {f"v{i:04d}": np.asarray(v) for i, v in enumerate(optimizer.variables)}
         with open(tmp / OPTIMIZER_FILE, "wb") as f:
             np.savez(f, **values)

@@ -92,6 +92,11 @@ class LoraConfig(_Section):
     target_layer_names: tuple[str, ...] | None = Field(
         None, description="layers that get adapters; None means keras-hub's default (query and value)"
     )
+    trainable_tokens: tuple[str, ...] | None = Field(
+        None, description="tokens whose embedding rows train beside the adapter (PEFT's trainable tokens); "
+        "None: Gemma's turn markers when data.prompt_format is gemma_chat (a base model has never said "
+        "<end_of_turn>), none otherwise; [] for none"
+    )
 
 
 class TrainConfig(_Section):

@@ -21,16 +21,18 @@ import keras_hub
 
 from gemma_core.atomic import atomic_directory
 from gemma_core.config import ExportConfig, GenerationConfig
+from gemma_core.token_rows import save_adapter
 
 
 def export_adapter(model, path: str | Path) -> Path:
-    """The LoRA weights alone (``.lora.h5``), loadable with ``backbone.load_lora_weights``."""
+    """The LoRA weights alone (``.lora.h5``, with any trainable token rows), loadable with
+    :func:`gemma_core.token_rows.load_adapter`."""
     path = Path(path)
     if not path.name.endswith(".lora.h5"):
         raise ValueError(f"adapter path {path} must end in .lora.h5 (keras-hub's adapter format)")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(".partial-" + path.name)
-    model.backbone.save_lora_weights(str(partial))
+    save_adapter(model.backbone, partial)
     os.replace(partial, path)
     return path
 

@@ -79,19 +79,23 @@ def check_quant(quant: str) -> str:
 
 
 def merged_backbone(backbone):
-    """``backbone`` itself when no layer has LoRA, else a copy with every adapter folded into its kernel.
+    """``backbone`` itself when no layer has LoRA, else a copy with every adapter folded into its kernel
+    (and trainable token rows into the embedding, :mod:`gemma_core.token_rows`).
 
     The copy is filled layer by layer through Keras' own (de)serialisation, the path ``save_to_preset``
     takes, so the merge is Keras' (``kernel + A @ B * alpha / rank``) and the tuned model is untouched.
     ``_flatten_layers`` is how Keras itself walks nested layers for saving; there is no public walk.
     """
+    from gemma_core.token_rows import TokenRowsEmbedding
+
     layers = list(backbone._flatten_layers(include_self=False))
-    if not any(getattr(layer, "lora_enabled", False) for layer in layers):
+    if not any(getattr(layer, "lora_enabled", False) or isinstance(layer, TokenRowsEmbedding) for layer in layers):
         return backbone
     merged = type(backbone).from_config(backbone.get_config())
     merged_layers = list(merged._flatten_layers(include_self=False))
-    # Same classes in the same order (weightless helpers such as rotary_embedding_2 get new auto names).
-    if [type(l) for l in layers] != [type(l) for l in merged_layers]:
+    # Same classes in the same order (weightless helpers such as rotary_embedding_2 get new auto names);
+    # an embedding with token rows is a subclass of the plain one it saves as.
+    if len(layers) != len(merged_layers) or not all(isinstance(s, type(t)) for s, t in zip(layers, merged_layers)):
         raise GGUFExportError("the backbone rebuilt from its config has other layers than the tuned one")
     for source, target in zip(layers, merged_layers):
         store: dict[str, Any] = {}

@@ -38,6 +38,7 @@ from gemma_core.distribute import data_parallel_devices
 from gemma_core.encoding import EncodedExamples, encode_examples
 from gemma_core.models import enable_lora
 from gemma_core.response_head import ResponseCrossEntropy, ResponseOnlyLM
+from gemma_core.token_rows import enable_token_rows, load_adapter, save_adapter, token_ids_for, trainable_token_names
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,9 @@ def train_encoded(
         # --- setup: seed, adapters, optimizer, schedule -------------------------------------------
         keras.utils.set_random_seed(cfg.seed)
         enable_lora(model, lora)
+        row_tokens = trainable_token_names(lora.trainable_tokens, run_identity.get("prompt_format"))
+        if row_tokens:
+            enable_token_rows(model.backbone, token_ids_for(model.preprocessor.tokenizer, row_tokens))
         # The response-only head shares the backbone, so LoRA weights and checkpoints are the same.
         trainer = ResponseOnlyLM(model.backbone) if cfg.response_only_head else model
         compile_for_training(trainer, cfg)
@@ -159,6 +163,8 @@ def train_encoded(
             **run_identity,
             "lora_rank": lora.rank,
             "lora_targets": list(lora.target_layer_names or []),
+            # Only where rows train, so that the identity of a run without them is what it always was.
+            **({"trainable_tokens": list(row_tokens)} if row_tokens else {}),
             "batch_size": cfg.batch_size,
             "sequence_length": cfg.sequence_length,
             "seed": cfg.seed,
@@ -166,7 +172,7 @@ def train_encoded(
         start_step, losses = 0, []
         checkpoint = latest_valid_checkpoint(ckpt_root, identity)
         if checkpoint is not None:
-            model.backbone.load_lora_weights(str(checkpoint.adapter_path))
+            load_adapter(model.backbone, checkpoint.adapter_path)
             restore_optimizer(trainer.optimizer, checkpoint)
             start_step, losses = checkpoint.step, list(checkpoint.manifest["losses"])
             log.info("resuming training from %s (step %d)", checkpoint.path, start_step)
@@ -204,7 +210,7 @@ def train_encoded(
         if end_step == steps:
             # save_lora_weights insists on the .lora.h5 suffix, so the temp name keeps it.
             partial = out_dir / ".partial-adapter.lora.h5"
-            model.backbone.save_lora_weights(str(partial))
+            save_adapter(model.backbone, partial)
             os.replace(partial, adapter_path)
             write_adapter_manifest(adapter_path, identity, steps=steps)
     return TrainResult(

@@ -121,7 +121,9 @@ def load_model(
     if lora is not None:
         enable_lora(model, lora)
     if adapter is not None:
-        model.backbone.load_lora_weights(str(adapter))
+        from gemma_core.token_rows import load_adapter
+
+        load_adapter(model.backbone, adapter)
     return model
 
 

@@ -22,6 +22,7 @@ from gemma_core.gguf_export import (
 )
 from gemma_core.preset_cache import convert_gguf_to_preset
 from gemma_core.prompts import chat_prompt
+from gemma_core.token_rows import TURN_TOKENS, enable_token_rows, token_ids_for
 
 PROMPTS = ["Instruction:\nName a primary colour.\n\nResponse:\n", "The capital of France is",
            "<start_of_turn>user\nWho wrote it?<end_of_turn>\n<start_of_turn>model\n", "one two three"]
@@ -30,7 +31,8 @@ GREEDY_STEPS = 8
 
 @pytest.fixture(scope="module")
 def tuned_tiny(tiny_preset):
-    """The tiny Gemma with rank-2 adapters on query and value whose A and B are both non-zero."""
+    """The tiny Gemma with rank-2 adapters on query and value whose A and B are both non-zero, and
+    trained-looking embedding rows for the turn markers (gemma_chat's trainable tokens)."""
     model = keras_hub.models.CausalLM.from_preset(str(tiny_preset))
     model.backbone.enable_lora(2)
     rng = np.random.default_rng(7)
@@ -40,6 +42,8 @@ def tuned_tiny(tiny_preset):
             variable.assign(rng.normal(0.0, 0.2, size=tuple(variable.shape)).astype("float32"))
             moved += 1
     assert moved == 2 * 2 * model.backbone.num_layers  # a and b, query and value, every layer
+    rows = enable_token_rows(model.backbone, token_ids_for(model.preprocessor.tokenizer, TURN_TOKENS))
+    rows.row_deltas.assign(rng.normal(0.0, 0.2, size=tuple(rows.row_deltas.shape)).astype("float32"))
     return model
 
 
