@@ -9,6 +9,10 @@ prompts) and to the plain loop's (on all prompts). The baseline runs first and a
 ratios are against the mean of both passes (this host's speed drifts). Compile times are cold: JAX's
 disk cache of compiled programs starts empty unless ``--warm-compile-cache``.
 
+At batch 1 a decode step reads every weight once, so memory bandwidth bounds it: the compact loop
+at batch 1 (on the baseline's prompts) is compared with that bound, the copy bandwidth measured in
+the same run (:func:`copy_bandwidth`) over the bytes of the model's weights.
+
     .venv/bin/python bench/bench_generate.py               # ~10 min on 2 cores
     .venv/bin/python bench/bench_generate.py --prompts 16 --batch-sizes 8 --plain-batch-sizes ""
 """
@@ -54,6 +58,26 @@ def baseline_batch1(model, prompts, max_new_tokens: int):
     return texts, new_tokens, times
 
 
+def copy_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes per second that copying a large float32 array moves, read and write counted (as STREAM's
+    copy does), split over every core as XLA's kernels are; the best of ``repeats``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    source = np.ones(size_bytes // 4, np.float32)
+    target = np.empty_like(source)
+    parts = np.array_split(np.arange(len(source)), os.cpu_count() or 1)
+    bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts]
+    best = float("inf")
+    with ThreadPoolExecutor(len(bounds)) as pool:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(pool.map(lambda b: np.copyto(target[b[0]:b[1]], source[b[0]:b[1]]), bounds))  # numpy frees the GIL
+            best = min(best, time.perf_counter() - start)
+    return 2 * source.nbytes / best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=32)
@@ -73,6 +97,7 @@ def main() -> None:
     from gemma_core.dolly_prepare import format_dolly_to_parquet, read_split
     from gemma_core.generation import generate_answers
     from gemma_core.models import load_model
+    import numpy as np
 
     prepared = format_dolly_to_parquet(DataConfig(train_limit=None, eval_fraction=0.3), "/tmp/glf-bench-gen")
     prompts = list(read_split(prepared.eval_path)["prompt"][: args.prompts])
@@ -103,6 +128,21 @@ def main() -> None:
                      "new_tokens_per_s": run.new_tokens_per_second, "first_call_s": warm.first_batch_seconds,
                      "compile_s": warm.seconds - run.seconds, "identical_greedy": ours == baseline_texts,
                      "mismatches": [i for i, (a, b) in enumerate(zip(ours, baseline_texts)) if a != b]})
+    # Batch 1 against the memory-bandwidth bound: each step reads all weights once.
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=1)
+    generate_answers(model, base_prompts, cfg)
+    single = generate_answers(model, base_prompts, cfg)
+    weight_bytes = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
+    bandwidth = copy_bandwidth()
+    bound = bandwidth / weight_bytes
+    rows.append({"variant": "generate_answers, compact loop, batch 1", "prompts": len(base_prompts),
+                 "new_tokens_per_s": single.new_tokens_per_second, "first_call_s": float("nan"),
+                 "compile_s": float("nan"), "identical_greedy": [a.text for a in single.answers] == baseline_texts,
+                 "weight_bytes": weight_bytes, "copy_bandwidth_bytes_per_s": bandwidth,
+                 "bandwidth_bound_new_tokens_per_s": bound, "share_of_bound": single.new_tokens_per_second / bound})
+    print(f"batch 1: {single.new_tokens_per_second:.1f} new tok/s; weights {weight_bytes / 1e9:.3f} GB, copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s, bound {bound:.1f} new tok/s: {single.new_tokens_per_second / bound:.0%} of it")
+
     reference = next((texts for (compact, _), texts in answers.items() if not compact), None)
     if reference is not None:
         for (compact, batch_size), texts in answers.items():
