@@ -107,7 +107,8 @@ def make_result_storage(location: str):
 def _save_block(block, name: str, attempts: int = 3) -> None:
     """Save ``block`` as ``name``, replacing an older document. Runs that start at once race to create
     the same new document: the server checks for the name, then inserts, so the loser's insert fails
-    on the unique name (a 500 on PostgreSQL). Saving again finds the document and updates it."""
+    on the unique name (a 500 on PostgreSQL, a 409 elsewhere). Saving again finds the document and
+    updates it. Any other 4xx (a bad key, a refused value) fails the same way every time: raised at once."""
     import time
 
     from prefect.exceptions import PrefectHTTPStatusError
@@ -116,7 +117,8 @@ def _save_block(block, name: str, attempts: int = 3) -> None:
         try:
             block.save(name, overwrite=True)
             return
-        except PrefectHTTPStatusError:
-            if attempt == attempts:
+        except PrefectHTTPStatusError as err:
+            status = err.response.status_code
+            if attempt == attempts or (400 <= status < 500 and status != 409):
                 raise
             time.sleep(0.5 * attempt)
