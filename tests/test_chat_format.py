@@ -267,8 +267,8 @@ PLAIN_TEMPLATE_FALL = 0.1  # the held-out loss fall test_pipeline_real requires 
 
 @pytest.mark.slow
 def test_chat_format_real_model(gemma3_270m_preset, tmp_path):
-    """After the default training in gemma_chat, at least 80% of held-out answers end with <end_of_turn>,
-    and the held-out loss falls as it does with the instruction template: test_pipeline_real requires
+    """After the default training in gemma_chat, at least 80% of held-out answers end with <end_of_turn>
+    (given room to finish, below), and the held-out loss falls as it does with the instruction template: test_pipeline_real requires
     a fall of 10% there, and this asks at least half of that.
 
     What makes a base model end its turns is the turn markers' own embedding rows, which train beside
@@ -295,7 +295,10 @@ def test_chat_format_real_model(gemma3_270m_preset, tmp_path):
     base_loss = loss(model)
     train_lora(model, list(train["prompt"]), list(train["completion"]), cfg.train, cfg.lora, tmp_path / "train",
                run_identity={"model_id": "gemma3-270m", "data_hash": prepared.content_hash, "prompt_format": "gemma_chat"})
-    tuned = evaluate_model(model, held_out, cfg.generation, cfg.train.sequence_length)
+    # Room to finish: 2 of the 16 references are longer than the default 64 new tokens, so at 64 an
+    # answer as long as its reference is cut off before it can end; the training length lets it end.
+    room = cfg.generation.model_copy(update={"max_new_tokens": cfg.train.sequence_length})
+    tuned = evaluate_model(model, held_out, room, cfg.train.sequence_length)
     assert all(END_OF_TURN not in r["answer"] and "<eos>" not in r["answer"] for r in tuned.rows)
     chat = {"base_loss": base_loss, "tuned_loss": tuned.overall["completion_loss"],
             "ended_by": [r["ended_by"] for r in tuned.rows], **tuned.overall,
