@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -63,8 +65,6 @@ def copy_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
     copy does), split over every core as XLA's kernels are; the best of ``repeats``."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import numpy as np
-
     source = np.ones(size_bytes // 4, np.float32)
     target = np.empty_like(source)
     parts = np.array_split(np.arange(len(source)), os.cpu_count() or 1)
@@ -97,7 +97,6 @@ def main() -> None:
     from gemma_core.dolly_prepare import format_dolly_to_parquet, read_split
     from gemma_core.generation import generate_answers
     from gemma_core.models import load_model
-    import numpy as np
 
     prepared = format_dolly_to_parquet(DataConfig(train_limit=None, eval_fraction=0.3), "/tmp/glf-bench-gen")
     prompts = list(read_split(prepared.eval_path)["prompt"][: args.prompts])

@@ -17,7 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 ADAPTER_SUFFIX = ".lora.h5"
+TOKEN_ROWS_GROUP = "token_rows"  # trainable token rows (gemma_core.token_rows), beside keras-hub's "lora"
 
 
 class AdapterMismatchError(ValueError):
@@ -47,13 +50,27 @@ def read_adapter_file(path: str | Path) -> AdapterFile:
             layers = {int(name): (tuple(group["vars"]["lora_kernel_a"].shape),
                                   tuple(group["vars"]["lora_kernel_b"].shape))
                       for name, group in lora.items() if name.isdigit()}
-            rows = f.get("token_rows")
-            token_rows = tuple(int(t) for t in rows["ids"][()]) if rows is not None else ()
-            row_width = int(rows["deltas"].shape[1]) if rows is not None else None
+            rows = _token_rows(f)
     except (OSError, KeyError, ValueError, TypeError) as err:
         raise AdapterMismatchError(f"{path} is not a keras-hub LoRA adapter ({type(err).__name__}: {err}); "
                                    f"pass a {ADAPTER_SUFFIX} file written by training or `gemma-lora export`") from None
+    token_rows, row_width = (rows[0], rows[1].shape[1]) if rows is not None else ((), None)
     return AdapterFile(path, rank, layers, token_rows, row_width)
+
+
+def read_token_rows(path: str | Path) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """``(ids, deltas)`` of the trainable token rows stored in an adapter file, or None when it has none."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return _token_rows(f)
+
+
+def _token_rows(f) -> tuple[tuple[int, ...], np.ndarray] | None:
+    if TOKEN_ROWS_GROUP not in f:
+        return None
+    rows = f[TOKEN_ROWS_GROUP]
+    return tuple(int(t) for t in rows["ids"][()]), np.asarray(rows["deltas"][()])
 
 
 def check_adapter_fits(model, adapter: AdapterFile) -> None:

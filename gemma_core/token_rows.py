@@ -15,7 +15,8 @@ k deltas train, and training and decoding never rebuild the 262,144-row matrix: 
 k-column correction.
 
 The deltas travel in the adapter file, in a ``token_rows`` group beside keras-hub's ``lora`` one
-(:func:`save_adapter`, :func:`load_adapter`), so an adapter stays one file.
+(:func:`save_adapter`, :func:`load_adapter`; read without a model by
+:func:`gemma_core.adapter_file.read_token_rows`), so an adapter stays one file.
 
 >>> enable_token_rows(model.backbone, token_ids=(105, 106))        # doctest: +SKIP
 >>> save_adapter(model.backbone, "adapter.lora.h5")                # doctest: +SKIP
@@ -31,9 +32,11 @@ import keras
 import numpy as np
 from keras import ops
 
-GROUP = "token_rows"
+from gemma_core.adapter_file import TOKEN_ROWS_GROUP, read_token_rows
+from gemma_core.prompts import END_OF_TURN, START_OF_TURN
+
 # Gemma 3's turn markers: what gemma_chat trains a base model to produce.
-TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
+TURN_TOKENS = (START_OF_TURN, END_OF_TURN)
 
 
 class TokenRowsError(ValueError):
@@ -135,19 +138,9 @@ def save_adapter(backbone, path: str | Path) -> None:
     layer = backbone.token_embedding
     if isinstance(layer, TokenRowsEmbedding):
         with h5py.File(path, "a") as f:
-            group = f.create_group(GROUP)
+            group = f.create_group(TOKEN_ROWS_GROUP)
             group["ids"] = np.asarray(layer.row_ids, "int32")
             group["deltas"] = ops.convert_to_numpy(layer.row_deltas)
-
-
-def read_token_rows(path: str | Path) -> tuple[tuple[int, ...], np.ndarray] | None:
-    """``(ids, deltas)`` stored in an adapter file, or None when it has no token rows."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        if GROUP not in f:
-            return None
-        return tuple(int(t) for t in f[GROUP]["ids"][()]), np.asarray(f[GROUP]["deltas"][()])
 
 
 def load_adapter(backbone, path: str | Path) -> None:

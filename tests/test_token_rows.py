@@ -8,13 +8,12 @@ import keras_hub
 import numpy as np
 import pytest
 
-from gemma_core.adapter_file import AdapterMismatchError, check_adapter_fits, read_adapter_file
+from gemma_core.adapter_file import AdapterMismatchError, check_adapter_fits, read_adapter_file, read_token_rows
 from gemma_core.config import LoraConfig, TrainConfig
 from gemma_core.gguf_export import merged_backbone
 from gemma_core.lora_train import train_lora
 from gemma_core.prompts import END_OF_TURN, START_OF_TURN
-from gemma_core.token_rows import (TokenRowsError, enable_token_rows, load_adapter, read_token_rows, save_adapter,
-                                   token_ids_for)
+from gemma_core.token_rows import TokenRowsError, enable_token_rows, load_adapter, save_adapter, token_ids_for
 
 CHAT = {"model_id": "tiny", "data_hash": "d1", "prompt_format": "gemma_chat"}
 CFG = TrainConfig(max_steps=6, epochs=3, batch_size=2, sequence_length=64, learning_rate=1e-2, checkpoint_every=3)
