@@ -226,9 +226,10 @@ class RecoveryConfig(_Section):
     @model_validator(mode="after")
     def _window_covers_heartbeats(self) -> "RecoveryConfig":
         if self.crashed_after_s < 2 * self.heartbeat_s + 30:
-            raise ValueError(f"crashed_after_s={self.crashed_after_s} must cover at least two heartbeats of "
-                             f"heartbeat_s={self.heartbeat_s} plus 30 s (about three is best: "
-                             f"{3 * self.heartbeat_s + 20}), or a healthy run is marked Crashed")
+            raise ValueError(f"recovery.crashed_after_s={self.crashed_after_s} must cover at least two heartbeats of "
+                             f"recovery.heartbeat_s={self.heartbeat_s} plus 30 s: set recovery.crashed_after_s to "
+                             f"{3 * self.heartbeat_s + 20} (about three heartbeats) or lower recovery.heartbeat_s, "
+                             "or a healthy run is marked Crashed")
         return self
 
 
