@@ -39,7 +39,7 @@ class DataConfig(_Section):
     )
     eval_fraction: float = Field(0.1, gt=0, le=0.5, description="share of rows held out, per category")
     seed: int = Field(0, description="seed of the stratified train/eval split")
-    # 160 rows = 40 steps at batch 4: the default run finishes on a 2-core CPU in minutes and
+    # 160 rows = 40 steps an epoch at batch 4: the default run finishes on a 2-core CPU in minutes and
     # still moves the 270M model measurably (see TrainConfig.learning_rate).
     train_limit: int | None = Field(160, ge=1, description="keep at most this many training rows (null: all)")
     eval_limit: int | None = Field(None, ge=1, description="keep at most this many held-out rows")
@@ -106,7 +106,9 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.01, ge=0, le=1.0, description="AdamW weight decay (not on biases or scales)")
     sequence_length: int = Field(128, ge=16, le=8192, description="tokens per example, prompt plus response")
     batch_size: int = Field(4, ge=1, le=1024)
-    epochs: int = Field(1, ge=1, le=1000)
+    # Two passes over the default 160 rows: in gemma_chat one pass left 13-14 of 16 held-out answers ending
+    # their turn (seeds 0 and 1), two passes 15 and 16, for under a minute more (bench/RESULTS.md).
+    epochs: int = Field(2, ge=1, le=1000)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     seed: int = Field(0, description="seed for shuffling and adapter initialisation")
     checkpoint_every: int = Field(8, ge=1, description="save a resumable checkpoint every N steps")

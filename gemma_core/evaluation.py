@@ -61,8 +61,8 @@ def completion_nll(model, prompts, responses, sequence_length: int) -> tuple[np.
             top = picked.max(axis=-1, keepdims=True)
             log_z = np.log(np.exp(picked - top).sum(axis=-1)) + top[:, 0]
             token_nll = log_z - picked[np.arange(len(rows)), part.labels[rows, cols]]
-            np.add.at(nll, part.kept_rows[rows], token_nll)
-            np.add.at(count, part.kept_rows[rows], 1)
+            np.add.at(nll, start + rows, token_nll)
+            np.add.at(count, start + rows, 1)
     finally:
         model.preprocessor = preprocessor
     return nll, count

@@ -5,9 +5,9 @@ Two formats (``data.prompt_format``):
 * ``instruction``: the Keras Gemma LoRA tutorial's template, plus a ``Context:`` section for rows
   that carry one (the tutorial drops those rows, which loses most closed_qa,
   information_extraction and summarization examples). The response is the bare answer; the model
-  learns to stop with ``<eos>`` (the preprocessor appends it).
+  learns to stop with ``<eos>`` (gemma_core.encoding appends it).
 * ``gemma_chat``: Gemma 3's own turns. The Dolly context goes inside the user turn and the response
-  ends with ``<end_of_turn>``, so a tuned instruct model keeps ending its chat turns.
+  ends with ``<end_of_turn>`` (and no ``<eos>``), so a tuned instruct model keeps ending its chat turns.
 
 Prompt and response stay separate strings so that training can put the loss on the response tokens
 only (for ``gemma_chat`` that includes the closing ``<end_of_turn>``).

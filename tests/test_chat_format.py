@@ -95,9 +95,8 @@ def test_chat_format_loss_is_on_the_response_and_its_end_of_turn(tiny_model):
     examples = encode_examples(tiny_model.preprocessor, [prompt], [format_response("Paris is.", "gemma_chat")], 64)
     weighted = examples.sample_weight[0] > 0
     learned = [int(t) for t in examples.labels[0][weighted]]
-    # the response's tokens, its <end_of_turn>, and the preprocessor's closing <eos>: nothing else
-    assert learned == [int(t) for t in tokenizer("Paris is.")] + [tokenizer.token_to_id(END_OF_TURN),
-                                                                  tokenizer.end_token_id]
+    # the response's tokens and its <end_of_turn>: nothing else (no <eos> after it, as in Gemma's chat template)
+    assert learned == [int(t) for t in tokenizer("Paris is.")] + [tokenizer.token_to_id(END_OF_TURN)]
     prompt_tokens = len(tokenizer(prompt)) + 1  # + <bos>
     assert not weighted[: prompt_tokens - 1].any()  # no prompt token is a target
     assert weighted[prompt_tokens - 1]  # the first answer token is predicted from the prompt's last

@@ -5,6 +5,7 @@ import math
 import numpy as np
 
 from gemma_core.config import GenerationConfig
+from gemma_core.encoding import encode_examples
 from gemma_core.evaluation import completion_nll, evaluate_model
 
 
@@ -12,7 +13,9 @@ def test_completion_nll_matches_a_direct_computation(tiny_model, sample_splits):
     _, evaluation = sample_splits
     prompts, responses = list(evaluation["prompt"][:3]), list(evaluation["response"][:3])
     nll, count = completion_nll(tiny_model, prompts, responses, sequence_length=128)
-    x, y, weight = tiny_model.preprocessor({"prompts": prompts, "responses": responses}, sequence_length=128)
+    encoded = encode_examples(tiny_model.preprocessor, prompts, responses, 128)
+    x = {"token_ids": encoded.token_ids, "padding_mask": encoded.padding_mask}
+    y, weight = encoded.labels, encoded.sample_weight
     logits = np.asarray(tiny_model(x), dtype=np.float64)
     log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
