@@ -155,7 +155,7 @@ def made_up_examples(n: int, sequence_length: int, vocabulary_size: int, seed: i
         labels[i, :length] = row[1:length + 1]
         weight[i, prompt - 1:length] = 1.0  # labels from the response's first token to the end token
         mask[i, :length] = True
-    return EncodedExamples(token_ids, mask, labels, weight, np.arange(n))
+    return EncodedExamples(token_ids, mask, labels, weight)
 
 
 def build_model(cfg: dict):
