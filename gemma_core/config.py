@@ -107,7 +107,7 @@ class TrainConfig(_Section):
     sequence_length: int = Field(128, ge=16, le=8192, description="tokens per example, prompt plus response")
     batch_size: int = Field(4, ge=1, le=1024)
     # Two passes over the default 160 rows: in gemma_chat one pass left 13-14 of 16 held-out answers ending
-    # their turn (seeds 0 and 1), two passes 15 and 16, for under a minute more (bench/RESULTS.md).
+    # their turn (seeds 0 and 1), two passes 15 and 16 (bench/RESULTS.md).
     epochs: int = Field(2, ge=1, le=1000)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     seed: int = Field(0, description="seed for shuffling and adapter initialisation")
