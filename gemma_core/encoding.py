@@ -6,8 +6,8 @@ The layout is keras-hub's Gemma 3 preprocessor's, given separate ``prompts`` and
 padding. Two things differ. A response in Gemma's turns (``gemma_chat``) ends with its
 ``<end_of_turn>`` and no ``<eos>``, as Gemma's chat template has it. And for pairs too long for the
 sequence keras-hub cuts prompt and response alike, losing the response's end, which is what teaches
-the model to stop; here the prompt gives way first (:func:`fit_pair`). Arrays are materialised once as numpy, so training can pick any batch by index,
-which is what makes mid-epoch resume exact.
+the model to stop; here the prompt gives way first (:func:`fit_pair`). Arrays are materialised once
+as numpy, so training can pick any batch by index, which is what makes mid-epoch resume exact.
 """
 
 from __future__ import annotations

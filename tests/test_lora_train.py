@@ -192,7 +192,7 @@ def test_encoding_matches_keras_hub_where_pairs_fit(tiny_model, sample_splits):
 
 def test_over_long_examples_keep_their_response_and_its_end(tiny_model, caplog):
     """A pair too long for the sequence loses the middle of its prompt, not the response's closing
-    <end_of_turn> and <eos> (keras-hub's packer would cut both), and the log says so."""
+    <end_of_turn> (keras-hub's packer would cut both), and the log says so."""
     from gemma_core.encoding import encode_examples
     from gemma_core.prompts import END_OF_TURN, format_prompt, format_response
 
