@@ -28,8 +28,10 @@ from gemma_core.config import GenerationConfig
 from gemma_core.encoding import encode_examples
 from gemma_core.endings import ending_rates
 from gemma_core.generation import generate_answers
+from gemma_core.response_head import ResponseNLL, gather_response_positions
 
-LOSS_BATCH = 4  # logits are (batch, length, 262144) float32: 4 x 128 tokens is about 0.5 GB
+LOSS_BATCH = 4
+HEAD_SLOTS_STEP = 16  # head positions per row, rounded up to this: one compiled shape for the whole split
 
 
 @dataclass(frozen=True)
@@ -45,26 +47,33 @@ class EvalReport:
 
 
 def completion_nll(model, prompts, responses, sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per example: summed negative log-likelihood of the response tokens, and their count."""
+    """Per example: summed negative log-likelihood of the response tokens, and their count.
+
+    The output head runs at response positions only (:class:`ResponseNLL`), and every batch has one
+    shape (the last one topped up with weightless rows), so it compiles once.
+    """
     examples = encode_examples(model.preprocessor, prompts, responses, sequence_length)
     nll = np.zeros(len(prompts))
     count = np.zeros(len(prompts))
-    preprocessor, model.preprocessor = model.preprocessor, None  # inputs are already tokenized
-    try:
-        for start in range(0, len(examples), LOSS_BATCH):
-            part = examples.take(np.arange(start, min(start + LOSS_BATCH, len(examples))))
-            logits = keras.ops.convert_to_numpy(
-                model.predict_on_batch({"token_ids": part.token_ids, "padding_mask": part.padding_mask})
-            )
-            rows, cols = np.nonzero(part.sample_weight)
-            picked = logits[rows, cols].astype(np.float64)
-            top = picked.max(axis=-1, keepdims=True)
-            log_z = np.log(np.exp(picked - top).sum(axis=-1)) + top[:, 0]
-            token_nll = log_z - picked[np.arange(len(rows)), part.labels[rows, cols]]
-            np.add.at(nll, start + rows, token_nll)
-            np.add.at(count, start + rows, 1)
-    finally:
-        model.preprocessor = preprocessor
+    if not len(examples):
+        return nll, count
+    length = examples.token_ids.shape[1]
+    starts = range(0, len(examples), LOSS_BATCH)
+    per_batch = [int(np.count_nonzero(examples.sample_weight[s:s + LOSS_BATCH])) for s in starts]
+    slots = min(length, HEAD_SLOTS_STEP * math.ceil(max(per_batch) / LOSS_BATCH / HEAD_SLOTS_STEP))
+    scorer = ResponseNLL(model.backbone)
+    for start in starts:
+        rows = np.arange(start, min(start + LOSS_BATCH, len(examples)))
+        part = examples.take(np.concatenate([rows, np.full(LOSS_BATCH - len(rows), rows[0])]))
+        part.sample_weight[len(rows):] = 0  # top-up rows: no response positions
+        positions, labels, weight = gather_response_positions(part.labels, part.sample_weight, slots)
+        token_nll = keras.ops.convert_to_numpy(scorer.predict_on_batch({
+            "token_ids": part.token_ids, "padding_mask": part.padding_mask, "positions": positions, "labels": labels,
+        }))
+        used = weight > 0
+        row = start + positions[used] // length
+        np.add.at(nll, row, token_nll[used].astype(np.float64))
+        np.add.at(count, row, 1)
     return nll, count
 
 

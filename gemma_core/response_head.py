@@ -38,6 +38,26 @@ class ResponseOnlyLM(keras.Model):
         return self.backbone.token_embedding(picked, reverse=True)
 
 
+class ResponseNLL(keras.Model):
+    """Per-position cross-entropy at the response positions: the held-out loss of evaluation.
+
+    The same numbers as the full model's logits would give there, without the (batch, length,
+    262,144) logits: :class:`ResponseOnlyLM`'s logits go straight into :func:`sparse_cross_entropy`
+    inside the compiled program, which returns (batch, slots).
+
+    >>> nll = ResponseNLL(causal_lm.backbone).predict_on_batch(                            # doctest: +SKIP
+    ...     {"token_ids": ids, "padding_mask": mask, "positions": pos, "labels": labels})
+    """
+
+    def __init__(self, backbone, **kwargs):
+        super().__init__(**kwargs)
+        self.lm = ResponseOnlyLM(backbone)
+        self.jit_compile = True  # Keras leaves XLA off for TensorFlow on a CPU-only machine
+
+    def call(self, inputs):
+        return sparse_cross_entropy(inputs["labels"], self.lm(inputs))
+
+
 def sparse_cross_entropy(labels, logits):
     """Per-position cross-entropy from logits: logsumexp minus the label's logit.
 
