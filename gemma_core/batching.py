@@ -10,7 +10,8 @@ Two plans:
   within a bucket, and batch order is shuffled. Bucket lengths sit at quantiles of the data's own
   lengths (at most four, multiples of 32): Dolly examples are mostly far shorter than the sequence
   length, so this skips most of the padding while the shapes stay few (one compilation per bucket,
-  not per batch).
+  not per batch). How many buckets is chosen per run (:func:`choose_bucket_quantiles`): each shape
+  costs a compilation, so a short run takes fewer buckets when they pad little more.
 
 Each bucket also fixes how many response positions a batch carries for
 :mod:`gemma_core.response_head` (``slots`` per row, filled across the whole batch). To keep that
@@ -37,6 +38,13 @@ from gemma_core.response_head import gather_response_positions
 
 LENGTH_MULTIPLE = 32
 BUCKET_QUANTILES = (0.35, 0.65, 0.9, 1.0)
+# Fewer buckets, from one to BUCKET_QUANTILES: the candidates of choose_bucket_quantiles.
+BUCKET_CHOICES = ((1.0,), (0.6, 1.0), (0.5, 0.85, 1.0), BUCKET_QUANTILES)
+# One more compiled step shape costs about as much as training this many row tokens: on a 2-core CPU
+# a 270M-model step compiles in about 9 s, while a step trains a few hundred row tokens a second
+# (bench/RESULTS.md, LoRA training, round 2). A GPU trains far more tokens per compile second, so
+# there this errs toward more buckets, the choice before it existed.
+COMPILE_COST_TOKENS = 2048
 SLOT_MULTIPLE = 8
 
 
@@ -48,9 +56,11 @@ class PlannedBatch:
     slots: int  # head positions per row; the batch's response positions fill batch_size * slots
 
 
-def bucket_lengths(total_lengths: np.ndarray, sequence_length: int) -> list[int]:
-    """Up to four row lengths at quantiles of the examples' lengths, rounded up to a multiple of 32."""
-    quantiles = np.quantile(total_lengths, BUCKET_QUANTILES)
+def bucket_lengths(
+    total_lengths: np.ndarray, sequence_length: int, quantiles: tuple[float, ...] = BUCKET_QUANTILES
+) -> list[int]:
+    """Row lengths at ``quantiles`` of the examples' lengths, rounded up to a multiple of 32."""
+    quantiles = np.quantile(total_lengths, quantiles)
     return sorted({min(sequence_length, LENGTH_MULTIPLE * math.ceil(q / LENGTH_MULTIPLE)) for q in quantiles})
 
 
@@ -62,6 +72,7 @@ def plan_epoch(
     seed: int,
     epoch: int,
     bucketed: bool,
+    quantiles: tuple[float, ...] = BUCKET_QUANTILES,
 ) -> list[PlannedBatch]:
     rng = np.random.default_rng([seed, epoch])
     if not bucketed:
@@ -69,7 +80,7 @@ def plan_epoch(
         bound = int(np.sort(response_lengths)[::-1][:batch_size].sum())
         slots = min(sequence_length, SLOT_MULTIPLE * math.ceil(bound / batch_size / SLOT_MULTIPLE))
         return _chunk(rng.permutation(len(total_lengths)), batch_size, sequence_length, slots)
-    lengths = bucket_lengths(total_lengths, sequence_length)
+    lengths = bucket_lengths(total_lengths, sequence_length, quantiles)
     assignment = np.searchsorted(lengths, total_lengths, side="left").clip(max=len(lengths) - 1)
     batches: list[PlannedBatch] = []
     for bucket, length in enumerate(lengths):
@@ -78,6 +89,28 @@ def plan_epoch(
             continue
         batches.extend(_deal_by_response_length(members, response_lengths, batch_size, length, rng))
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def choose_bucket_quantiles(
+    total_lengths: np.ndarray, response_lengths: np.ndarray, batch_size: int, sequence_length: int,
+    seed: int, epochs: float,
+) -> tuple[float, ...]:
+    """The :data:`BUCKET_CHOICES` entry whose padded work over ``epochs`` plus
+    :data:`COMPILE_COST_TOKENS` per distinct step shape is least (ties: more buckets).
+
+    Work is counted in row tokens: ``batch_size * (length + slots)`` per step, the body's and the
+    head's positions. On the offline sample's first 64 rows at length 256, two buckets cost about 2%
+    more row tokens than four and compile half as many shapes; over Dolly-15k's many steps the four
+    buckets' smaller padding wins.
+    """
+    best, best_cost = BUCKET_QUANTILES, math.inf
+    for quantiles in reversed(BUCKET_CHOICES):
+        plan = plan_epoch(total_lengths, response_lengths, batch_size, sequence_length, seed, 0, True, quantiles)
+        work = sum(batch_size * (b.length + b.slots) for b in plan)
+        cost = epochs * work + COMPILE_COST_TOKENS * len({(b.length, b.slots) for b in plan})
+        if cost < best_cost:
+            best, best_cost = quantiles, cost
+    return best
 
 
 def _deal_by_response_length(
@@ -119,6 +152,12 @@ class TrainingSchedule:
         self.total_lengths = examples.padding_mask.sum(axis=1)
         self.response_lengths = (examples.sample_weight > 0).sum(axis=1)
         self._plans: dict[int, list[PlannedBatch]] = {}
+        self.quantiles = BUCKET_QUANTILES
+        if cfg.bucketing:
+            # From the epochs, not max_steps: a run resumed with another max_steps keeps its batches.
+            self.quantiles = choose_bucket_quantiles(
+                self.total_lengths, self.response_lengths, cfg.batch_size, cfg.sequence_length, cfg.seed,
+                cfg.epochs)
         self.steps_per_epoch = len(self.plan(0))
         steps = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
@@ -127,7 +166,7 @@ class TrainingSchedule:
         if epoch not in self._plans:
             self._plans = {epoch: plan_epoch(
                 self.total_lengths, self.response_lengths, self.cfg.batch_size, self.cfg.sequence_length,
-                self.cfg.seed, epoch, bucketed=self.cfg.bucketing,
+                self.cfg.seed, epoch, bucketed=self.cfg.bucketing, quantiles=self.quantiles,
             )}
         return self._plans[epoch]
 

@@ -10,7 +10,7 @@ import pytest
 from gemma_core.checkpoints import CheckpointMismatchError
 from gemma_core.config import LoraConfig, TrainConfig
 from gemma_core.encoding import SequenceTooShortError
-from gemma_core.batching import plan_epoch
+from gemma_core.batching import BUCKET_CHOICES, choose_bucket_quantiles, plan_epoch
 from gemma_core.lora_train import EmptyTrainingSetError, train_lora
 
 IDENTITY = {"model_id": "tiny", "data_hash": "d1"}
@@ -49,6 +49,25 @@ def test_each_epoch_covers_every_example_once_in_few_shapes(bucketed):
         for batch in plan_epoch(total, response, 4, 256, seed=0, epoch=epoch, bucketed=bucketed):
             assert response[batch.indices[: batch.real]].sum() <= 4 * batch.slots
             assert (batch.length, batch.slots) in shapes
+
+
+def test_bucket_count_weighs_padding_against_compiled_shapes():
+    """A short run takes fewer buckets when they pad little more; a long one the least padding."""
+    rng = np.random.default_rng(1)
+    total = rng.integers(40, 256, size=64)
+    response = np.minimum(total - 20, rng.integers(5, 120, size=64))
+
+    def cost(quantiles, epochs):
+        plan = plan_epoch(total, response, 4, 256, 0, 0, True, quantiles)
+        work = sum(4 * (b.length + b.slots) for b in plan)
+        return epochs * work, len({(b.length, b.slots) for b in plan})
+
+    short, long = choose_bucket_quantiles(total, response, 4, 256, 0, 2), choose_bucket_quantiles(total, response, 4, 256, 0, 1000)
+    assert cost(long, 1)[0] == min(cost(q, 1)[0] for q in BUCKET_CHOICES)  # compiles are noise in a long run
+    work_short, shapes_short = cost(short, 1)
+    work_long, shapes_long = cost(long, 1)
+    assert shapes_short < shapes_long and work_short > work_long  # fewer compiles bought with some padding
+    assert set(BUCKET_CHOICES) >= {short, long}
 
 
 def test_fast_and_plain_paths_give_the_same_loss_on_the_same_batch(tiny_preset, sample_splits):
