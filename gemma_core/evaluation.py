@@ -60,7 +60,7 @@ def completion_nll(model, prompts, responses, sequence_length: int) -> tuple[np.
     length = examples.token_ids.shape[1]
     starts = range(0, len(examples), LOSS_BATCH)
     per_batch = [int(np.count_nonzero(examples.sample_weight[s:s + LOSS_BATCH])) for s in starts]
-    slots = min(length, HEAD_SLOTS_STEP * math.ceil(max(per_batch) / LOSS_BATCH / HEAD_SLOTS_STEP))
+    slots = min(length, HEAD_SLOTS_STEP * math.ceil(max(1, *per_batch) / LOSS_BATCH / HEAD_SLOTS_STEP))
     scorer = ResponseNLL(model.backbone)
     for start in starts:
         rows = np.arange(start, min(start + LOSS_BATCH, len(examples)))
