@@ -208,11 +208,11 @@ def main() -> None:
     for r in rows:
         if r["variant"].startswith("transformers generate"):
             batch_size = int(r["variant"].rsplit(" ", 1)[1])
-            ours = next((o for o in rows if o["variant"] == f"generate_answers, compact loop, batch {batch_size}"), None)
+            name = f"generate_answers, compact loop, batch {batch_size}"
+            ours = next((o["new_tokens_per_s"] for o in rows if o["variant"] == name), None)
             if ours is not None:
-                print(f"batch {batch_size}: compact loop {ours['new_tokens_per_s']:.1f} vs transformers "
-                      f"{r['new_tokens_per_s']:.1f} new tok/s: {ours['new_tokens_per_s'] / r['new_tokens_per_s']:.2f}x; "
-                      f"answers differ at {r['mismatches']}")
+                print(f"batch {batch_size}: compact loop {ours:.1f} vs transformers {r['new_tokens_per_s']:.1f} "
+                      f"new tok/s: {ours / r['new_tokens_per_s']:.2f}x; answers differ at {r['mismatches']}")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                                         "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))

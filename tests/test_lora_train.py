@@ -57,15 +57,15 @@ def test_bucket_count_weighs_padding_against_compiled_shapes():
     total = rng.integers(40, 256, size=64)
     response = np.minimum(total - 20, rng.integers(5, 120, size=64))
 
-    def cost(quantiles, epochs):
+    def work_and_shapes(quantiles):
         plan = plan_epoch(total, response, 4, 256, 0, 0, True, quantiles)
-        work = sum(4 * (b.length + b.slots) for b in plan)
-        return epochs * work, len({(b.length, b.slots) for b in plan})
+        return sum(4 * (b.length + b.slots) for b in plan), len({(b.length, b.slots) for b in plan})
 
-    short, long = choose_bucket_quantiles(total, response, 4, 256, 0, 2), choose_bucket_quantiles(total, response, 4, 256, 0, 1000)
-    assert cost(long, 1)[0] == min(cost(q, 1)[0] for q in BUCKET_CHOICES)  # compiles are noise in a long run
-    work_short, shapes_short = cost(short, 1)
-    work_long, shapes_long = cost(long, 1)
+    short = choose_bucket_quantiles(total, response, 4, 256, 0, epochs=2)
+    long = choose_bucket_quantiles(total, response, 4, 256, 0, epochs=1000)
+    work_long, shapes_long = work_and_shapes(long)
+    assert work_long == min(work_and_shapes(q)[0] for q in BUCKET_CHOICES)  # compiles are noise in a long run
+    work_short, shapes_short = work_and_shapes(short)
     assert shapes_short < shapes_long and work_short > work_long  # fewer compiles bought with some padding
     assert set(BUCKET_CHOICES) >= {short, long}
 
