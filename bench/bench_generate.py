@@ -90,8 +90,9 @@ def peer_generate(model, prompts, max_new_tokens: int, batch_size: int, ours: li
 
     from gemma_core.generation import decode_ids, stop_token_ids
 
-    peer_python = ROOT / "bench" / ".venv-ref" / "bin" / "python"
-    if not peer_python.exists():
+    from bench_train import PEER_PYTHON  # one definition of where the peer environment lives
+
+    if not PEER_PYTHON.exists():
         raise SystemExit("the peer needs bench/.venv-ref (see bench/make_parity_fixture.py), "
                          "or pass --peer-batch-sizes ''")
     tokenizer = model.preprocessor.tokenizer
@@ -104,13 +105,14 @@ def peer_generate(model, prompts, max_new_tokens: int, batch_size: int, ours: li
             "prompts_ids": [[start] + [int(t) for t in tokenizer(p)] for p in prompts],
             "batch_sizes": [batch_size], "stop_token_ids": stops,
         }))
-        subprocess.run([str(peer_python), str(ROOT / "bench" / "peer_hf_peft.py"), "--generate", str(spec),
+        subprocess.run([str(PEER_PYTHON), str(ROOT / "bench" / "peer_hf_peft.py"), "--generate", str(spec),
                         "--out", str(out)], check=True, cwd=ROOT)
         result = json.loads(out.read_text())
     run = result["batch_sizes"][0]
     texts = [decode_ids(tokenizer, [t for t in ids if t not in stops]).strip() for ids in run["generated_ids"]]
     same = None if ours is None else [i for i, (a, b) in enumerate(zip(texts, ours)) if a != b]
-    return {"variant": f"transformers generate (peer), batch {batch_size}", "prompts": len(prompts),
+    return {"variant": f"transformers generate (peer), batch {batch_size}", "peer_batch_size": batch_size,
+            "prompts": len(prompts),
             "new_tokens_per_s": run["new_tokens_per_s"], "first_call_s": run["warmup_seconds"],
             "compile_s": float("nan"), "identical_greedy": same == [] if same is not None else None,
             "mismatches": same, "load_s": result["load_seconds"], "versions": result["environment"]}
@@ -206,8 +208,8 @@ def main() -> None:
         print(f"| {r['variant']} | {r['new_tokens_per_s']:.1f} | {r['new_tokens_per_s'] / base:.1f}x | "
               f"{r['first_call_s']:.1f} | {r['compile_s']:.1f} | {r['identical_greedy']} |")
     for r in rows:
-        if r["variant"].startswith("transformers generate"):
-            batch_size = int(r["variant"].rsplit(" ", 1)[1])
+        if "peer_batch_size" in r:
+            batch_size = r["peer_batch_size"]
             name = f"generate_answers, compact loop, batch {batch_size}"
             ours = next((o["new_tokens_per_s"] for o in rows if o["variant"] == name), None)
             if ours is not None:

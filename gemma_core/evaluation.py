@@ -24,11 +24,12 @@ import numpy as np
 import pandas as pd
 from rouge_score import rouge_scorer
 
+from gemma_core.batching import PlannedBatch, step_arrays
 from gemma_core.config import GenerationConfig
 from gemma_core.encoding import encode_examples
 from gemma_core.endings import ending_rates
 from gemma_core.generation import generate_answers
-from gemma_core.response_head import ResponseNLL, gather_response_positions
+from gemma_core.response_head import ResponseNLL
 
 LOSS_BATCH = 4
 HEAD_SLOTS_STEP = 16  # head positions per row, rounded up to this: one compiled shape for the whole split
@@ -64,14 +65,12 @@ def completion_nll(model, prompts, responses, sequence_length: int) -> tuple[np.
     scorer = ResponseNLL(model.backbone)
     for start in starts:
         rows = np.arange(start, min(start + LOSS_BATCH, len(examples)))
-        part = examples.take(np.concatenate([rows, np.full(LOSS_BATCH - len(rows), rows[0])]))
-        part.sample_weight[len(rows):] = 0  # top-up rows: no response positions
-        positions, labels, weight = gather_response_positions(part.labels, part.sample_weight, slots)
-        token_nll = keras.ops.convert_to_numpy(scorer.predict_on_batch({
-            "token_ids": part.token_ids, "padding_mask": part.padding_mask, "positions": positions, "labels": labels,
-        }))
+        # Training's batch layout: the last batch topped up with weightless repeats, one shape throughout.
+        x, labels, weight = step_arrays(examples, PlannedBatch(np.resize(rows, LOSS_BATCH), len(rows), length, slots),
+                                        response_only=True)
+        token_nll = keras.ops.convert_to_numpy(scorer.predict_on_batch({**x, "labels": labels}))
         used = weight > 0
-        row = start + positions[used] // length
+        row = start + x["positions"][used] // length
         np.add.at(nll, row, token_nll[used].astype(np.float64))
         np.add.at(count, row, 1)
     return nll, count
