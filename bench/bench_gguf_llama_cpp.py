@@ -12,11 +12,16 @@
    ``max_new_tokens`` 64); the merged model written as f32, f16 and q8_0 GGUFs
    (``gemma_core.gguf_export.write_gguf``).
 3. In ``bench/.venv-llama`` (this file again, ``--llama-side``, no project import): each GGUF loaded with
-   ``llama_cpp.Llama``, each prompt tokenized by llama.cpp itself (BOS added, special tokens parsed,
-   as a chat front end does), then greedy decoding (argmax of the logits, one token per step) up to
-   ``max_new_tokens`` or the first ``<eos>``/``<end_of_turn>``.
-4. Per quant: how many answers are identical (text, stripped, as ``gemma_core.generation`` returns it),
-   how many prompts llama.cpp tokenized to the project's ids, the first differing answer. JSON to
+   ``llama_cpp.Llama`` once per KV-cache type (``--kv-cache``: f32, the precision of the project's own
+   cache, and f16, llama.cpp's default, which rounds every key and value it stores), each prompt
+   tokenized by llama.cpp itself (BOS added, special tokens parsed, as a chat front end does), then
+   greedy decoding (argmax of the logits, one token per step) up to ``max_new_tokens`` or the first
+   ``<eos>``/``<end_of_turn>``.
+   Beside the export's q8_0, llama.cpp's own quantizer (``llama_model_quantize``, what ``llama-quantize``
+   runs) makes a q8_0 of the exported f32 file; it is answered the same way, and compared with the
+   export's q8_0 tensor by tensor (names, types, bytes).
+4. Per GGUF and KV-cache type: how many answers are identical (text, stripped, as ``gemma_core.generation``
+   returns it), how many prompts llama.cpp tokenized to the project's ids, the first differing answer. JSON to
    ``bench/results/gguf_llama_cpp.json`` (written atomically); a Markdown table on stdout for
    bench/RESULTS.md.
 """
@@ -38,11 +43,15 @@ REPO = Path(__file__).resolve().parents[1]
 LLAMA_VENV = REPO / "bench" / ".venv-llama"
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 QUANTS = ("f32", "f16", "q8_0")
+# llama.cpp's KV cache types (ggml type ids): f16 is its default; f32 keeps keys and values as computed.
+KV_CACHE_TYPES = {"f32": 0, "f16": 1}
 # Also accepted by --quants: q8_0 with token_embd (the tied embedding and output head) in another type,
 # e.g. "q8_0+embd_f16", to measure what that one tensor's rounding costs in llama.cpp.
 EMBEDDING_VARIANT = "+embd_"
 NUM_PROMPTS = 16
 STOP_TOKENS = ("<eos>", "<end_of_turn>")
+# The run label of llama.cpp's own q8_0 quantization of the exported f32 file.
+LLAMA_QUANTIZED = "q8_0-llama-quantize"
 
 
 # --- bench/.venv-llama ---------------------------------------------------------------------------
@@ -63,6 +72,8 @@ def ensure_llama_venv() -> Path:
 
 def llama_side(job_path: Path, out_path: Path) -> None:
     """Runs in bench/.venv-llama: greedy answers of every GGUF in the job, with llama.cpp's tokenizer."""
+    import ctypes
+
     import llama_cpp
     import llama_cpp.llama_cpp as llama_c_api
     import numpy as np
@@ -79,12 +90,27 @@ def llama_side(job_path: Path, out_path: Path) -> None:
 
     llama_c_api.llama_model_default_params = without_extra_buffers
     job = json.loads(job_path.read_text())
-    results = {"llama_cpp_python": llama_cpp.__version__, "quants": {}}
-    for quant, gguf_path in job["ggufs"].items():
+    results = {"llama_cpp_python": llama_cpp.__version__, "runs": {}, "ggufs": dict(job["ggufs"])}
+    if "f32" in job["ggufs"]:
+        # llama.cpp's own quantizer (what `llama-quantize model-f32.gguf out.gguf Q8_0` runs) applied to the
+        # exported f32 file: the q8_0 a llama.cpp user would make, to set beside the export's own q8_0.
+        params = llama_c_api.llama_model_quantize_default_params()
+        params.ftype = llama_c_api.LLAMA_FTYPE_MOSTLY_Q8_0
+        params.nthread = job["threads"]
+        source = Path(job["ggufs"]["f32"])
+        target = source.with_name(f"{source.stem}-{LLAMA_QUANTIZED}.gguf")
+        started = time.perf_counter()
+        if llama_c_api.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+            raise RuntimeError(f"llama_model_quantize failed on {source}")
+        results["ggufs"][LLAMA_QUANTIZED] = str(target)
+        results["llama_quantize_seconds"] = time.perf_counter() - started
+    runs = [(quant, path, kv) for quant, path in results["ggufs"].items() for kv in job["kv_cache_types"]]
+    for quant, gguf_path, kv in runs:
         started = time.perf_counter()
         longest = max(len(ids) for ids in job["project_prompt_ids"])
         llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=longest + job["max_new_tokens"] + 16, n_batch=512,
-                              n_threads=job["threads"], logits_all=True, verbose=False)
+                              n_threads=job["threads"], logits_all=True, verbose=False,
+                              type_k=KV_CACHE_TYPES[kv], type_v=KV_CACHE_TYPES[kv])
         load_seconds = time.perf_counter() - started
         stops = {llm.tokenize(t.encode(), add_bos=False, special=True)[0] for t in STOP_TOKENS}
         answers, prompt_ids, new_tokens = [], [], 0
@@ -103,8 +129,8 @@ def llama_side(job_path: Path, out_path: Path) -> None:
                 out.append(token)
                 llm.eval([token])
             answers.append(llm.detokenize(out).decode("utf-8", errors="replace").strip())
-        results["quants"][quant] = {
-            "answers": answers, "prompt_ids": prompt_ids, "load_seconds": load_seconds,
+        results["runs"][run_label(quant, kv)] = {
+            "quant": quant, "kv_cache": kv, "answers": answers, "prompt_ids": prompt_ids, "load_seconds": load_seconds,
             "generate_seconds": time.perf_counter() - gen_started, "new_tokens": new_tokens,
             "stop_ids": sorted(stops),
         }
@@ -184,24 +210,47 @@ def project_side(args) -> dict:
         timings[f"export_{quant}_seconds"] = time.perf_counter() - started
     return {"prompts": prompts, "project_answers": project_answers, "project_prompt_ids": project_ids,
             "ggufs": ggufs, "adapter": adapter, "max_new_tokens": cfg.generation.max_new_tokens,
-            "sampler": cfg.generation.sampler, "threads": args.threads, "timings": timings}
+            "sampler": cfg.generation.sampler, "threads": args.threads, "kv_cache_types": args.kv_cache,
+            "timings": timings}
+
+
+def run_label(quant: str, kv_cache: str) -> str:
+    return f"{quant}, KV {kv_cache}"
 
 
 def compare(job: dict, llama: dict) -> dict:
     summary = {}
-    for quant, side in llama["quants"].items():
+    for label, side in llama["runs"].items():
+        quant = side["quant"]
         same = [a == b for a, b in zip(job["project_answers"], side["answers"])]
         same_ids = [a == b for a, b in zip(job["project_prompt_ids"], side["prompt_ids"])]
         first = next((i for i, s in enumerate(same) if not s), None)
-        summary[quant] = {
-            "identical_answers": sum(same), "prompts": len(same), "identical_prompt_tokens": sum(same_ids),
-            "gguf_mib": round(Path(job["ggufs"][quant]).stat().st_size / 2**20, 1),
+        summary[label] = {
+            "quant": quant, "kv_cache": side["kv_cache"], "identical_answers": sum(same), "prompts": len(same), "identical_prompt_tokens": sum(same_ids),
+            "gguf_mib": round(Path(llama["ggufs"][quant]).stat().st_size / 2**20, 1),
             "llama_cpp_tokens_per_second": round(side["new_tokens"] / side["generate_seconds"], 1),
             "first_difference": None if first is None else {
                 "prompt": job["prompts"][first][:200], "project": job["project_answers"][first],
                 "llama_cpp": side["answers"][first]},
+            "answers_identical": same,
         }
     return summary
+
+
+def same_tensors(ours: str, theirs: str) -> dict:
+    """Tensor by tensor: the same names, types, shapes and bytes in both GGUFs?"""
+    import numpy as np
+    from gguf import GGUFReader
+
+    a = {t.name: t for t in GGUFReader(ours).tensors}
+    b = {t.name: t for t in GGUFReader(theirs).tensors}
+    differing = sorted(name for name in a.keys() & b.keys()
+                       if a[name].tensor_type != b[name].tensor_type
+                       or list(a[name].shape) != list(b[name].shape)
+                       or not np.array_equal(np.asarray(a[name].data).view(np.uint8),
+                                             np.asarray(b[name].data).view(np.uint8)))
+    return {"tensors": len(a), "only_in_ours": sorted(a.keys() - b.keys()), "only_in_theirs": sorted(b.keys() - a.keys()),
+            "identical": len(a.keys() & b.keys()) - len(differing), "differing": differing}
 
 
 def project_reads_gguf(args) -> int:
@@ -219,7 +268,8 @@ def project_reads_gguf(args) -> int:
 
     work, quant = Path(args.work), args.project_reads
     job = json.loads((work / "job.json").read_text())
-    llama = json.loads((work / "llama.json").read_text())["quants"][quant]["answers"]
+    kv_cache = job["kv_cache_types"][0]
+    llama = json.loads((work / "llama.json").read_text())["runs"][run_label(quant, kv_cache)]["answers"]
     preset = convert_gguf_to_preset(Path(job["ggufs"][quant]), work / f"preset-{quant}", work_dir=work)
     model = keras_hub.models.CausalLM.from_preset(str(preset))
     answers = [a.text for a in generate_answers(model, job["prompts"], PipelineConfig().generation).answers]
@@ -230,7 +280,7 @@ def project_reads_gguf(args) -> int:
                       "identical_to_tuned_model": same_tuned, "identical_to_llama_cpp": same_llama,
                       "prompts": len(answers), "answers": answers})
     print(f"{quant} GGUF read by the project: {same_tuned}/{len(answers)} answers identical to the tuned model, "
-          f"{same_llama}/{len(answers)} identical to llama.cpp's from the same file")
+          f"{same_llama}/{len(answers)} identical to llama.cpp's from the same file (KV cache {kv_cache})")
     return 0
 
 
@@ -241,6 +291,8 @@ def main() -> int:
     parser.add_argument("--quants", nargs="+", default=list(QUANTS),
                         choices=("f32", "f16", "bf16", "q8_0", "q8_0+embd_f16", "q8_0+embd_f32"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kv-cache", nargs="+", default=list(KV_CACHE_TYPES), choices=tuple(KV_CACHE_TYPES),
+                        help="llama.cpp's KV-cache types to run each GGUF with (f16 is llama.cpp's default)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "gguf_llama_cpp.json"))
     parser.add_argument("--project-reads", choices=("f32", "f16", "bf16", "q8_0"),
                         help="after a run: answer with the project's own model loaded from that GGUF in --work")
@@ -260,19 +312,26 @@ def main() -> int:
                     str(work / "llama.json")], check=True)
     llama = json.loads((work / "llama.json").read_text())
     summary = compare(job, llama)
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_model(),
+    tensors = (same_tensors(llama["ggufs"]["q8_0"], llama["ggufs"][LLAMA_QUANTIZED])
+               if {"q8_0", LLAMA_QUANTIZED} <= llama["ggufs"].keys() else None)
+    result = {"q8_0_tensors_vs_llama_quantize": tensors, "llama_quantize_seconds": llama.get("llama_quantize_seconds"),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_model(),
               "vector_extensions": vector_extensions(), "cores": os.cpu_count(),
               "llama_cpp_python": llama["llama_cpp_python"], "adapter": job["adapter"],
               "max_new_tokens": job["max_new_tokens"], "timings": job["timings"], "summary": summary,
               "prompts": job["prompts"], "project_answers": job["project_answers"],
-              "llama_cpp_answers": {q: s["answers"] for q, s in llama["quants"].items()}}
+              "llama_cpp_answers": {label: s["answers"] for label, s in llama["runs"].items()}}
     _write_json(Path(args.out), result)
-    print(f"| quant | GGUF MiB | identical answers | prompts tokenized identically | llama.cpp new tokens/s |")
-    print("|---|---|---|---|---|")
-    for quant, s in summary.items():
-        print(f"| {quant} | {s['gguf_mib']} | {s['identical_answers']}/{s['prompts']} | "
+    print("| GGUF | KV cache | GGUF MiB | identical answers | prompts tokenized identically | llama.cpp new tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for s in summary.values():
+        print(f"| {s['quant']} | {s['kv_cache']} | {s['gguf_mib']} | {s['identical_answers']}/{s['prompts']} | "
               f"{s['identical_prompt_tokens']}/{s['prompts']} | {s['llama_cpp_tokens_per_second']} |")
-    print(json.dumps({q: s["first_difference"] for q, s in summary.items()}, indent=1))
+    if tensors:
+        print(f"the export's q8_0 against llama-quantize's q8_0 of the exported f32: {tensors['identical']} of "
+              f"{tensors['tensors']} tensors byte-identical; differing: {tensors['differing'][:8]}; only in ours: "
+              f"{tensors['only_in_ours'][:8]}; only in llama-quantize's: {tensors['only_in_theirs'][:8]}")
+    print(json.dumps({label: s["first_difference"] for label, s in summary.items()}, indent=1))
     return 0
 
 
