@@ -2,15 +2,16 @@
 270M, each backend in a fresh process of its own, one after the other in one run.
 
 Per backend: the 8 first held-out prompts of the offline sample, greedy, 64 new tokens, batch 8, as
-the evaluation stage generates them (``generate_answers``: JAX takes the compact decode loop,
-TensorFlow keras-hub's loop), twice: the first call compiles, the second is timed. Then the default
-training (``train_lora``: sequence length 128, batch 4, rank 4) for ``--steps`` steps; steady useful
-tokens/s over the steps after each bucket shape's first (compiling) one. ``tensorflow-no-xla``
-generates with Keras' own choice on a CPU-only machine (XLA off), which is what the project did
-before ``load_model`` asked for XLA on TensorFlow; it does not train (training always compiled with
-XLA).
+the evaluation stage generates them (``generate_answers``, the compact decode loop on both backends),
+twice: the first call compiles, the second is timed. Then the default training (``train_lora``:
+sequence length 128, batch 4, rank 4) for ``--steps`` steps; steady useful tokens/s over the steps
+after each bucket shape's first (compiling) one. Two earlier states of TensorFlow generation, which
+do not train: ``tensorflow-keras-hub-loop`` (keras-hub's generate loop with XLA,
+``generation.compact_decode=false``; TensorFlow's only loop before the compact one ran there) and
+``tensorflow-no-xla`` (that loop with Keras' own choice on a CPU-only machine, XLA off, as before
+``load_model`` asked for XLA on TensorFlow).
 
-    .venv/bin/python bench/bench_backends.py                 # about 18 minutes on 2 cores
+    .venv/bin/python bench/bench_backends.py                 # about 15 minutes on 2 cores
     .venv/bin/python bench/bench_backends.py --variants jax,tensorflow --steps 8
 """
 
@@ -26,7 +27,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {"jax": ("jax", True), "tensorflow": ("tensorflow", True), "tensorflow-no-xla": ("tensorflow", False)}
+# name: (backend, XLA, compact decode loop)
+VARIANTS = {"jax": ("jax", True, True), "tensorflow": ("tensorflow", True, True),
+            "tensorflow-keras-hub-loop": ("tensorflow", True, False), "tensorflow-no-xla": ("tensorflow", False, False)}
 
 CHILD = r'''
 import json, sys, tempfile, time
@@ -37,7 +40,7 @@ from gemma_core.generation import generate_answers
 from gemma_core.lora_train import read_train_log, steady_steps, train_lora
 from gemma_core.models import load_model
 
-xla, steps, prompts_n = sys.argv[1] == "1", int(sys.argv[2]), int(sys.argv[3])
+xla, steps, prompts_n, compact = sys.argv[1] == "1", int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 work = Path(tempfile.mkdtemp(prefix="glf-bench-backends-"))
 prepared = format_dolly_to_parquet(DataConfig(), work / "data")
 train, held = read_split(prepared.train_path), read_split(prepared.eval_path)
@@ -46,13 +49,13 @@ model = load_model(EMBEDDED_MODEL)
 if not xla:
     model.jit_compile = False
 out = {"load_s": time.perf_counter() - started, "jit_compile": model.jit_compile}
-cfg = GenerationConfig(max_new_tokens=64, batch_size=8)
+cfg = GenerationConfig(max_new_tokens=64, batch_size=8, compact_decode=compact)
 prompts = list(held["prompt"][:prompts_n])
 first = generate_answers(model, prompts, cfg)
 timed = generate_answers(model, prompts, cfg)
 out |= {"generate_first_s": first.seconds, "generate_s": timed.seconds,
         "new_tokens_per_s": timed.new_tokens_per_second, "answers": [a.text for a in timed.answers]}
-if steps and xla:
+if steps and xla and compact:
     result = train_lora(model, list(train["prompt"]), list(train["response"]),
                         TrainConfig(max_steps=steps), LoraConfig(), work / "train",
                         {"model_id": EMBEDDED_MODEL, "data_hash": prepared.content_hash})
@@ -67,12 +70,13 @@ print("RESULT " + json.dumps(out), flush=True)
 
 
 def run_variant(name: str, steps: int, prompts: int) -> dict:
-    backend, xla = VARIANTS[name]
+    backend, xla, compact = VARIANTS[name]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["KERAS_BACKEND"] = backend
     # a fresh JAX compile cache: JAX's compile times are as cold as TensorFlow's (which keeps none)
     env["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="glf-bench-jax-")
-    done = subprocess.run([sys.executable, "-c", CHILD, "1" if xla else "0", str(steps), str(prompts)],
+    done = subprocess.run([sys.executable, "-c", CHILD, "1" if xla else "0", str(steps), str(prompts),
+                           "1" if compact else "0"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -82,7 +86,7 @@ def run_variant(name: str, steps: int, prompts: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default="jax,tensorflow,tensorflow-no-xla")
+    parser.add_argument("--variants", default="jax,tensorflow,tensorflow-keras-hub-loop")
     parser.add_argument("--steps", type=int, default=12, help="training steps per backend (0: no training)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "backends.json")

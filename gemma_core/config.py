@@ -140,8 +140,8 @@ class GenerationConfig(_Section):
                             "the fastest measured on a 2-core CPU, bench/RESULTS.md)")
     seed: int = 0
     compact_decode: bool = Field(True, description="prefill only the prompts, decode each row from its own "
-                                 "prompt's end, stop at max_new_tokens (Gemma 3 on JAX; false, or another model or "
-                                 "backend: keras-hub's generate loop, the plain path)")
+                                 "prompt's end, stop at max_new_tokens (Gemma 3 on JAX or TensorFlow; false, or "
+                                 "another model or backend: keras-hub's generate loop, the plain path)")
 
 
 class EvalConfig(_Section):

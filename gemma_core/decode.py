@@ -1,4 +1,4 @@
-"""A compiled decode loop for keras-hub causal LMs that does only the work the answers need.
+"""A compiled decode loop for keras-hub's Gemma 3 that does only the work the answers need.
 
 keras-hub 0.32's ``generate_step`` runs the model over the whole padded length before decoding
 (prompt and empty answer slots alike), then steps all rows together from the batch's shortest
@@ -7,15 +7,18 @@ the others answer, and every row runs on after it has produced ``max_new_tokens`
 
 - prefills the prompts in one pass, only up to the longest prompt (rounded up to a multiple of
   ``PREFILL_BUCKET`` so that few shapes compile);
-- decodes each row at its own position (the model's ``call_with_cache`` vectorised over rows with
-  ``jax.vmap``, one cache index per row), so every row starts answering at step one;
+- decodes each row at its own position: every row's new token goes through the model at once, with
+  keras-hub's serving hook (``vllm_context_scope``: rotary embeddings at per-row positions, the
+  attention handed to :func:`attend_at_positions`), so every row starts answering at step one;
 - stops once every row has produced a stop token or ``max_new_tokens``.
 
-Each step is the model's own ``call_with_cache`` followed by the keras-hub sampler's
-``compute_probabilities`` and ``get_next_token``, so greedy decoding picks the same tokens as
-``model.generate``. Gemma 3 on JAX only (:meth:`CompactDecoder.supports`): the model's weights
-and the sampler's seed state are passed in as arrays (Keras's stateless scope), as keras-hub's own
-JAX generate function does.
+Each step is the model's own ``call_with_cache`` (its projections, norms, rotary embeddings and MLP)
+followed by the keras-hub sampler's ``compute_probabilities`` and ``get_next_token``, so greedy
+decoding picks the same tokens as ``model.generate``. Gemma 3 on JAX or TensorFlow
+(:meth:`CompactDecoder.supports`), written in ``keras.ops``: on JAX the model's weights and the
+sampler's seed state are passed in as arrays (Keras's stateless scope), as keras-hub's own JAX
+generate function does; on TensorFlow the loop is a ``tf.function`` compiled with XLA that reads the
+variables.
 
 >>> decoder = CompactDecoder(model, keras_hub.samplers.GreedySampler(), stop_token_ids=(1, 106))  # doctest: +SKIP
 >>> token_ids, ends, state = decoder(token_ids, prompt_lengths, 64, decoder.initial_sampler_state())  # doctest: +SKIP
@@ -23,15 +26,19 @@ JAX generate function does.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from functools import partial
 
-import jax
-import jax.numpy as jnp
 import keras
 import keras_hub
 import numpy as np
+from keras import ops
+# keras-hub 0.32's serving hook (pinned in pyproject): its Gemma 3 attention hands each layer's
+# projected query, key and value to the function it is given, with rotary embeddings at the given
+# per-row positions. tests/test_generation.py checks the answers against keras-hub's own loop.
+from keras_hub.src.vllm.context import get_vllm_context, vllm_context_scope
 
 # Prompts are prefilled up to the longest one, rounded up to this many tokens (fewer prefill shapes
 # to compile against a little extra prefill work).
@@ -45,21 +52,26 @@ class CompactDecoder:
     total_length) for the prefill; JAX's disk cache keeps both across runs.
     """
 
-    @staticmethod
-    def supports(model) -> bool:
-        """Gemma 3 on JAX: the cache layout (a (key, value) pair per layer) is Gemma 3's; other
-        keras-hub models keep theirs in one stacked tensor."""
-        return keras.config.backend() == "jax" and isinstance(model, keras_hub.models.Gemma3CausalLM)
+    BACKENDS = ("jax", "tensorflow")
+
+    @classmethod
+    def supports(cls, model) -> bool:
+        """Gemma 3 on JAX or TensorFlow: the cache layout (a (key, value) pair per layer) and the
+        serving hook are Gemma 3's; other keras-hub models keep their cache in one stacked tensor."""
+        return keras.config.backend() in cls.BACKENDS and isinstance(model, keras_hub.models.Gemma3CausalLM)
 
     def __init__(self, model, sampler, stop_token_ids: tuple[int, ...]):
         if not self.supports(model):
-            raise ValueError(f"CompactDecoder runs {type(model).__name__} on {keras.config.backend()!r}; it needs "
-                             "a Gemma3CausalLM on JAX: use keras-hub's generate loop (generation.compact_decode=false)")
+            raise ValueError(f"{type(self).__name__} runs {type(model).__name__} on {keras.config.backend()!r}; "
+                             f"it needs a Gemma3CausalLM on {' or '.join(self.BACKENDS)}: use keras-hub's generate "
+                             "loop (generation.compact_decode=false)")
         self.model = model
         self.sampler = sampler
-        self.stop_token_ids = jnp.asarray(stop_token_ids, dtype="int32")
+        self.stop_token_ids = tuple(int(i) for i in stop_token_ids)
         self._weights: list = []
         self._follow_model_variables()
+        # Kept from the start: on TensorFlow the sampler's variables move on as it samples.
+        self._initial_sampler_state = [ops.convert_to_numpy(v) for v in sampler.variables]
 
     def _follow_model_variables(self) -> None:
         """Trace again if the model's variables changed since the last call (``enable_lora`` adds
@@ -68,11 +80,11 @@ class CompactDecoder:
         weights = self.model.trainable_variables + self.model.non_trainable_variables
         if [id(v) for v in weights] != [id(v) for v in self._weights]:
             self._weights = weights
-            self._prefill = jax.jit(self._prefill_fn, static_argnames="cache_length")
-            self._decode = jax.jit(self._decode_fn)
+            self._prefill = _compile(self._prefill_fn, static_argnames="cache_length")
+            self._decode = _compile(self._decode_fn)
 
     def initial_sampler_state(self) -> list[np.ndarray]:
-        return [keras.ops.convert_to_numpy(v) for v in self.sampler.variables]
+        return [np.copy(v) for v in self._initial_sampler_state]
 
     def __call__(self, token_ids: np.ndarray, prompt_lengths: np.ndarray, max_new_tokens: int, sampler_state):
         """Returns (token_ids with each row's answer written after its prompt, each row's end: the
@@ -83,23 +95,46 @@ class CompactDecoder:
             raise ValueError(f"total_length {total_length} is too short for prompts of up to "
                              f"{longest} tokens plus {max_new_tokens} new tokens")
         self._follow_model_variables()
-        weights = [v.value for v in self._weights]
+        weights = self._weight_values()
         prefill_length = min(total_length, PREFILL_BUCKET * math.ceil(longest / PREFILL_BUCKET))
-        cache = self._prefill(weights, jnp.asarray(token_ids[:, :prefill_length], dtype="int32"),
+        cache = self._prefill(weights, ops.convert_to_tensor(token_ids[:, :prefill_length], dtype="int32"),
                               cache_length=total_length)
         token_ids, steps, sampler_state = self._decode(
-            weights, sampler_state, jnp.asarray(token_ids, dtype="int32"), cache,
-            jnp.asarray(prompt_lengths, dtype="int32"), jnp.int32(max_new_tokens))
-        return np.asarray(token_ids), np.asarray(prompt_lengths) + int(steps), sampler_state
+            weights, self._sampler_values(sampler_state), ops.convert_to_tensor(token_ids, dtype="int32"), cache,
+            ops.convert_to_tensor(prompt_lengths, dtype="int32"), ops.convert_to_tensor(max_new_tokens, dtype="int32"))
+        if keras.config.backend() != "jax":
+            sampler_state = self.sampler.variables
+        return (ops.convert_to_numpy(token_ids), np.asarray(prompt_lengths) + int(ops.convert_to_numpy(steps)),
+                [ops.convert_to_numpy(v) for v in sampler_state])
+
+    # On JAX the compiled functions take the variables' values as arguments and run them in a stateless
+    # scope; on TensorFlow they read the variables themselves, and the sampler's seed state is set on its
+    # variables before the call (and read back from them after).
+    def _weight_values(self) -> list:
+        return [v.value for v in self._weights] if keras.config.backend() == "jax" else []
+
+    def _sampler_values(self, sampler_state) -> list:
+        if keras.config.backend() == "jax":
+            return list(sampler_state)
+        for variable, value in zip(self.sampler.variables, sampler_state):
+            variable.assign(value)
+        return []
 
     def _scope(self, weights, sampler_state=()):
+        if keras.config.backend() != "jax":
+            return contextlib.nullcontext()
         mapping = itertools.chain(zip(self._weights, weights), zip(self.sampler.variables, sampler_state))
         return keras.StatelessScope(state_mapping=mapping)
 
+    def _sampler_after(self, scope, sampler_state) -> list:
+        if keras.config.backend() != "jax":
+            return list(sampler_state)  # empty: the variables themselves carry it
+        return [_updated(scope, v, old) for v, old in zip(self.sampler.variables, sampler_state)]
+
     def _prefill_fn(self, weights, prefix, cache_length: int):
         backbone = self.model.backbone
-        shape = (prefix.shape[0], cache_length, backbone.num_key_value_heads, backbone.head_dim)
-        zeros = partial(jnp.zeros, shape, dtype=self.model.compute_dtype)
+        shape = (ops.shape(prefix)[0], cache_length, backbone.num_key_value_heads, backbone.head_dim)
+        zeros = partial(ops.zeros, shape, dtype=self.model.compute_dtype)
         empty = tuple((zeros(), zeros()) for _ in range(backbone.num_layers))
         # Prompts are right-padded and attention is causal, so no prompt position sees the padding
         # after it, and the decode loop overwrites each padding position before a query can see it.
@@ -107,37 +142,77 @@ class CompactDecoder:
             _, _, cache = self.model.call_with_cache(prefix, empty, 0)
         return cache
 
-    def _row_step(self, token, cache, position):
-        """One token of one row at its own position: the model sees a batch of one."""
-        batch_of_one = jax.tree.map(lambda c: c[None], cache)
-        logits, _, batch_of_one = self.model.call_with_cache(token[None, None], batch_of_one, position)
-        return logits[0, 0], jax.tree.map(lambda c: c[0], batch_of_one)
+    def _batch_step(self, tokens, cache, positions):
+        """One token of every row, each at its own position: (logits (batch, vocabulary), the cache)."""
+        with vllm_context_scope(paged_attention_func=partial(attend_at_positions, positions), positions=positions,
+                                kv_caches=list(cache)):
+            # The cache and index given here only feed the dense path's mask, which the hook bypasses.
+            logits, _, _ = self.model.call_with_cache(tokens[:, None], cache, 0)
+            cache = tuple(tuple(layer) for layer in get_vllm_context().updated_kv_caches)
+        return logits[:, 0], cache
 
     def _decode_fn(self, weights, sampler_state, token_ids, cache, prompt_lengths, max_new_tokens):
-        batch_size = token_ids.shape[0]
-        rows = jnp.arange(batch_size)
-        step_rows = jax.vmap(self._row_step)
+        batch_size = ops.shape(token_ids)[0]
+        rows = ops.arange(batch_size, dtype="int32")
+        stops = ops.convert_to_tensor(self.stop_token_ids, dtype="int32")
 
-        def unfinished(carry):
-            _, _, step, done, _ = carry
-            return (step < max_new_tokens) & ~jnp.all(done)
+        def unfinished(token_ids, cache, step, done, sampler_state):
+            return ops.logical_and(step < max_new_tokens, ops.logical_not(ops.all(done)))
 
-        def step(carry):
-            token_ids, cache, step, done, sampler_state = carry
+        def step(token_ids, cache, step, done, sampler_state):
             position = prompt_lengths - 1 + step  # of the token fed; it predicts the one after
+            fed = ops.take_along_axis(token_ids, position[:, None], axis=1)[:, 0]
             with self._scope(weights, sampler_state) as scope:
-                logits, cache = step_rows(token_ids[rows, position], cache, position)
+                logits, cache = self._batch_step(fed, cache, position)
                 chosen = self.sampler.get_next_token(self.sampler.compute_probabilities(logits))
-            sampler_state = [_updated(scope, v, old) for v, old in zip(self.sampler.variables, sampler_state)]
-            chosen = chosen.astype("int32")
-            token_ids = token_ids.at[rows, position + 1].set(chosen)
-            done = done | jnp.isin(chosen, self.stop_token_ids)
+            sampler_state = self._sampler_after(scope, sampler_state)
+            chosen = ops.cast(chosen, "int32")
+            token_ids = ops.scatter_update(token_ids, ops.stack([rows, position + 1], axis=1), chosen)
+            done = ops.logical_or(done, ops.any(ops.equal(chosen[:, None], stops[None, :]), axis=1))
             return token_ids, cache, step + 1, done, sampler_state
 
-        done = jnp.zeros((batch_size,), dtype=bool)
-        token_ids, _, steps, _, sampler_state = jax.lax.while_loop(
-            unfinished, step, (token_ids, cache, jnp.int32(0), done, list(sampler_state)))
+        done = ops.zeros((batch_size,), dtype="bool")
+        token_ids, _, steps, _, sampler_state = ops.while_loop(
+            unfinished, step, (token_ids, cache, ops.convert_to_tensor(0, dtype="int32"), done, list(sampler_state)))
         return token_ids, steps, sampler_state
+
+
+def attend_at_positions(positions, cache, query, key, value, scale, head_dim, num_heads, kv_heads,
+                        sliding_window=None, soft_cap=None):
+    """One new token per row at that row's position: its key and value are written there, then it
+    attends to the row's positions up to it (within the sliding window), as keras-hub's dense path
+    does. The serving hook's signature: ``query`` (batch, heads x head_dim), ``key``/``value``
+    (batch, kv heads x head_dim); returns (the layer's new cache, the attention output)."""
+    key_cache, value_cache = cache
+    batch, length = ops.shape(key_cache)[0], ops.shape(key_cache)[1]
+    at = ops.stack([ops.arange(batch, dtype="int32"), positions], axis=1)
+    key_cache = ops.scatter_update(key_cache, at, ops.cast(ops.reshape(key, (batch, kv_heads, head_dim)),
+                                                           key_cache.dtype))
+    value_cache = ops.scatter_update(value_cache, at, ops.cast(ops.reshape(value, (batch, kv_heads, head_dim)),
+                                                               value_cache.dtype))
+    query = ops.reshape(query, (batch, kv_heads, num_heads // kv_heads, head_dim)) * ops.cast(scale, query.dtype)
+    logits = ops.einsum("bkgh,bskh->bkgs", query, key_cache)
+    if soft_cap is not None:
+        logits = ops.tanh(logits / soft_cap) * soft_cap
+    distance = positions[:, None] - ops.arange(length, dtype="int32")[None, :]
+    visible = distance >= 0
+    if sliding_window is not None:
+        visible = ops.logical_and(visible, distance < sliding_window)
+    logits = ops.where(visible[:, None, None, :], logits, ops.cast(-1e9, logits.dtype))
+    out = ops.einsum("bkgs,bskh->bkgh", ops.softmax(logits, axis=-1), value_cache)
+    return (key_cache, value_cache), ops.reshape(out, (batch, num_heads * head_dim))
+
+
+def _compile(fn, static_argnames=None):
+    if keras.config.backend() == "jax":
+        import jax
+
+        return jax.jit(fn, static_argnames=static_argnames)
+    import tensorflow as tf
+
+    # Shapes stay symbolic in the trace and XLA compiles each concrete one; cache_length (the prefill's)
+    # is a Python int, so each value has its own trace, as jax.jit's static argument does.
+    return tf.function(fn, jit_compile=True, reduce_retracing=True)
 
 
 def _updated(scope, variable, old):

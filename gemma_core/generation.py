@@ -6,9 +6,9 @@ and one stop-token tuple, so the decode loop compiles once per length bucket, an
 executables on disk across runs.
 
 Two decode loops, chosen by ``GenerationConfig.compact_decode``:
-- compact (default, JAX): ``gemma_core.decode.CompactDecoder`` prefills only the prompts, decodes
-  each row from its own prompt's end, and stops once every row has ended or produced
-  ``max_new_tokens``;
+- compact (default, Gemma 3 on JAX or TensorFlow): ``gemma_core.decode.CompactDecoder`` prefills
+  only the prompts, decodes each row from its own prompt's end, and stops once every row has ended
+  or produced ``max_new_tokens``;
 - keras-hub's own ``generate_step`` (the plain path, and the one other backends and models use).
   Its sampler is set without calling ``compile()``, which would throw the compiled loop away.
 

@@ -9,8 +9,8 @@ to Python before the next step. Between steps the caller may stop: Ctrl-C raises
 
 It reuses :class:`gemma_core.decode.CompactDecoder`'s prefill, stateless scope and variable
 tracking, so greedy streaming picks the same tokens as batched generation (a test checks it).
-Gemma 3 on JAX only, like ``CompactDecoder``: elsewhere :meth:`StreamingDecoder.supports` is False
-and the constructor says what to do.
+Gemma 3 on JAX only (``CompactDecoder`` also runs on TensorFlow): elsewhere
+:meth:`StreamingDecoder.supports` is False and the constructor says what to do.
 
 :class:`TextStream` turns the token ids into the text to print next: SentencePiece pieces only
 decode correctly in context (a leading space, a character split over byte tokens), so it decodes
@@ -44,6 +44,8 @@ class StreamingDecoder(CompactDecoder):
     to ``PREFILL_BUCKET``. The sampler's seed state runs on from one answer to the next (a chat's
     sampled answers differ turn by turn); :meth:`reset_sampler` rewinds it.
     """
+
+    BACKENDS = ("jax",)
 
     def __init__(self, model, sampler, stop_token_ids: tuple[int, ...], cache_length: int):
         if not self.supports(model):

@@ -38,6 +38,28 @@ def test_compact_loop_gives_keras_hub_greedy_answers(tiny_model, sample_splits):
     assert [a.new_tokens for a in compact.answers] == [a.new_tokens for a in plain.answers]
 
 
+def test_a_step_at_per_row_positions_equals_the_models_own_step_at_each(tiny_model):
+    """The batched step (keras-hub's serving hook, attend_at_positions) against call_with_cache one row
+    at a time, on the same cache: one row inside the tiny model's 64-token sliding window, one past it."""
+    backbone = tiny_model.backbone
+    assert backbone.sliding_window_size == 64
+    rng = np.random.default_rng(0)
+    shape = (2, 128, backbone.num_key_value_heads, backbone.head_dim)
+    cache = tuple((rng.normal(size=shape).astype("float32"), rng.normal(size=shape).astype("float32"))
+                  for _ in range(backbone.num_layers))
+    tokens, positions = np.array([5, 9], "int32"), np.array([10, 100], "int32")
+    decoder = CompactDecoder(tiny_model, make_sampler(GenerationConfig()), stop_token_ids=(1,))
+    logits, new_cache = decoder._batch_step(tokens, cache, positions)
+    for row in range(2):
+        row_cache = tuple((k[row:row + 1], v[row:row + 1]) for k, v in cache)
+        position = int(positions[row])
+        expected, _, expected_cache = tiny_model.call_with_cache(tokens[row:row + 1, None], row_cache, position)
+        np.testing.assert_allclose(np.asarray(logits[row]), np.asarray(expected[0, 0]), rtol=1e-5, atol=1e-5)
+        for (k, v), (ek, ev) in zip(new_cache, expected_cache):
+            np.testing.assert_allclose(np.asarray(k[row]), np.asarray(ek[0]), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(v[row]), np.asarray(ev[0]), rtol=1e-5, atol=1e-6)
+
+
 def test_compact_loop_generates_with_an_adapter_enabled_after_its_first_use(tiny_model, sample_splits):
     """The evaluation stages generate with the base model, then LoRA is enabled on the same model
     and trained: the next generation must use the adapter, as keras-hub's loop does."""
@@ -68,7 +90,7 @@ def test_other_models_use_keras_hub_loop(sample_splits):
     model = keras_hub.models.GemmaCausalLM(
         backbone=backbone, preprocessor=keras_hub.models.GemmaCausalLMPreprocessor(tokenizer, sequence_length=256))
     assert not CompactDecoder.supports(model)
-    with pytest.raises(ValueError, match="needs a Gemma3CausalLM on JAX"):
+    with pytest.raises(ValueError, match="needs a Gemma3CausalLM on jax or tensorflow"):
         CompactDecoder(model, make_sampler(GenerationConfig()), (1,))
     cfg = GenerationConfig(max_new_tokens=5, batch_size=2)
     default = generate_answers(model, prompts(sample_splits, 3), cfg)
@@ -152,29 +174,42 @@ def test_empty_prompt_list(tiny_model):
     assert generate_answers(tiny_model, [], GenerationConfig()).answers == []
 
 
-_TENSORFLOW_XLA = r"""
+_TENSORFLOW = r"""
 import json, sys
 import keras
 from gemma_core.config import GenerationConfig
+from gemma_core.decode import CompactDecoder
 from gemma_core.generation import generate_answers
 from gemma_core.models import load_model
 
-prompts = ["Instruction:\nName a colour.\n\nResponse:\n", "Instruction:\nWhat is a cat?\n\nResponse:\n"] * 2
+def texts(model, cfg):
+    return [a.text for a in generate_answers(model, prompts, cfg).answers]
+
+prompts = ["Instruction:\nName a colour.\n\nResponse:\n", "Instruction:\nWhat is a cat? Say more.\n\nResponse:\n",
+           "Hi", "Instruction:\nWrite about the sea, the wind and a boat.\n\nResponse:\n"] * 2
 cfg = GenerationConfig(max_new_tokens=24, batch_size=4)
 model = load_model(sys.argv[1])
+compact = texts(model, cfg)
+keras_hub_loop = texts(model, cfg.model_copy(update={"compact_decode": False, "batch_size": 1}))
+top_k = cfg.model_copy(update={"sampler": "top_k", "seed": 3})
+sampled = [texts(model, top_k), texts(model, top_k)]
 with_xla = model.jit_compile
-answers = [a.text for a in generate_answers(model, prompts, cfg).answers]
 model = load_model(sys.argv[1])
 model.jit_compile = False
-print("RESULT" + json.dumps({"backend": keras.config.backend(), "jit_compile": with_xla, "same": answers == [
-    a.text for a in generate_answers(model, prompts, cfg).answers]}))
+without_xla = texts(model, cfg.model_copy(update={"compact_decode": False}))
+print("RESULT" + json.dumps({"backend": keras.config.backend(), "jit_compile": with_xla,
+                             "compact": CompactDecoder.supports(model),
+                             "same_as_keras_hub_loop": compact == keras_hub_loop,
+                             "same_without_xla": keras_hub_loop == without_xla,
+                             "same_seed_same_samples": sampled[0] == sampled[1]}))
 """
 
 
 @pytest.mark.slow
 def test_tensorflow_generates_with_xla_and_the_same_answers(tiny_preset):
-    """On TensorFlow, load_model asks for XLA (Keras leaves it off on a CPU-only machine, and keras-hub's
-    generate loop then runs op by op: bench/RESULTS.md, Backends); greedy answers do not change."""
+    """On TensorFlow the compact loop runs too (compiled with XLA) and gives keras-hub's greedy answers;
+    load_model asks for XLA (Keras leaves it off on a CPU-only machine, and keras-hub's loop then runs op
+    by op: bench/RESULTS.md, Backends), which changes no answer; a sampler's seed still fixes its samples."""
     import json
     import os
     import subprocess
@@ -183,7 +218,9 @@ def test_tensorflow_generates_with_xla_and_the_same_answers(tiny_preset):
 
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": str(repo)}
-    done = subprocess.run([sys.executable, "-c", _TENSORFLOW_XLA, str(tiny_preset)], env=env, cwd=repo,
+    done = subprocess.run([sys.executable, "-c", _TENSORFLOW, str(tiny_preset)], env=env, cwd=repo,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.split("RESULT", 1)[1]) == {"backend": "tensorflow", "jit_compile": True, "same": True}
+    assert json.loads(done.stdout.split("RESULT", 1)[1]) == {
+        "backend": "tensorflow", "jit_compile": True, "compact": True, "same_as_keras_hub_loop": True,
+        "same_without_xla": True, "same_seed_same_samples": True}
