@@ -226,7 +226,8 @@ def compare(job: dict, llama: dict) -> dict:
         same_ids = [a == b for a, b in zip(job["project_prompt_ids"], side["prompt_ids"])]
         first = next((i for i, s in enumerate(same) if not s), None)
         summary[label] = {
-            "quant": quant, "kv_cache": side["kv_cache"], "identical_answers": sum(same), "prompts": len(same), "identical_prompt_tokens": sum(same_ids),
+            "quant": quant, "kv_cache": side["kv_cache"], "identical_answers": sum(same), "prompts": len(same),
+            "identical_prompt_tokens": sum(same_ids),
             "gguf_mib": round(Path(llama["ggufs"][quant]).stat().st_size / 2**20, 1),
             "llama_cpp_tokens_per_second": round(side["new_tokens"] / side["generate_seconds"], 1),
             "first_difference": None if first is None else {
@@ -249,8 +250,9 @@ def same_tensors(ours: str, theirs: str) -> dict:
                        or list(a[name].shape) != list(b[name].shape)
                        or not np.array_equal(np.asarray(a[name].data).view(np.uint8),
                                              np.asarray(b[name].data).view(np.uint8)))
-    return {"tensors": len(a), "only_in_ours": sorted(a.keys() - b.keys()), "only_in_theirs": sorted(b.keys() - a.keys()),
-            "identical": len(a.keys() & b.keys()) - len(differing), "differing": differing}
+    return {"tensors": len(a), "only_in_ours": sorted(a.keys() - b.keys()),
+            "only_in_theirs": sorted(b.keys() - a.keys()), "identical": len(a.keys() & b.keys()) - len(differing),
+            "differing": differing}
 
 
 def project_reads_gguf(args) -> int:

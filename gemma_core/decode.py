@@ -67,6 +67,7 @@ class CompactDecoder:
                              "loop (generation.compact_decode=false)")
         self.model = model
         self.sampler = sampler
+        self._stateless = keras.config.backend() == "jax"  # see _weight_values
         self.stop_token_ids = tuple(int(i) for i in stop_token_ids)
         self._weights: list = []
         self._follow_model_variables()
@@ -102,34 +103,29 @@ class CompactDecoder:
         token_ids, steps, sampler_state = self._decode(
             weights, self._sampler_values(sampler_state), ops.convert_to_tensor(token_ids, dtype="int32"), cache,
             ops.convert_to_tensor(prompt_lengths, dtype="int32"), ops.convert_to_tensor(max_new_tokens, dtype="int32"))
-        if keras.config.backend() != "jax":
+        if not self._stateless:
             sampler_state = self.sampler.variables
         return (ops.convert_to_numpy(token_ids), np.asarray(prompt_lengths) + int(ops.convert_to_numpy(steps)),
                 [ops.convert_to_numpy(v) for v in sampler_state])
 
     # On JAX the compiled functions take the variables' values as arguments and run them in a stateless
-    # scope; on TensorFlow they read the variables themselves, and the sampler's seed state is set on its
-    # variables before the call (and read back from them after).
+    # scope; on TensorFlow they read the variables themselves (weights and sampler state go in empty), and
+    # the sampler's seed state is set on its variables before the call (and read back from them after).
     def _weight_values(self) -> list:
-        return [v.value for v in self._weights] if keras.config.backend() == "jax" else []
+        return [v.value for v in self._weights] if self._stateless else []
 
     def _sampler_values(self, sampler_state) -> list:
-        if keras.config.backend() == "jax":
+        if self._stateless:
             return list(sampler_state)
         for variable, value in zip(self.sampler.variables, sampler_state):
             variable.assign(value)
         return []
 
     def _scope(self, weights, sampler_state=()):
-        if keras.config.backend() != "jax":
+        if not self._stateless:
             return contextlib.nullcontext()
         mapping = itertools.chain(zip(self._weights, weights), zip(self.sampler.variables, sampler_state))
         return keras.StatelessScope(state_mapping=mapping)
-
-    def _sampler_after(self, scope, sampler_state) -> list:
-        if keras.config.backend() != "jax":
-            return list(sampler_state)  # empty: the variables themselves carry it
-        return [_updated(scope, v, old) for v, old in zip(self.sampler.variables, sampler_state)]
 
     def _prefill_fn(self, weights, prefix, cache_length: int):
         backbone = self.model.backbone
@@ -165,7 +161,7 @@ class CompactDecoder:
             with self._scope(weights, sampler_state) as scope:
                 logits, cache = self._batch_step(fed, cache, position)
                 chosen = self.sampler.get_next_token(self.sampler.compute_probabilities(logits))
-            sampler_state = self._sampler_after(scope, sampler_state)
+            sampler_state = [_updated(scope, v, old) for v, old in zip(self.sampler.variables, sampler_state)]
             chosen = ops.cast(chosen, "int32")
             token_ids = ops.scatter_update(token_ids, ops.stack([rows, position + 1], axis=1), chosen)
             done = ops.logical_or(done, ops.any(ops.equal(chosen[:, None], stops[None, :]), axis=1))
