@@ -5,8 +5,9 @@ keras-hub 0.32's ``generate_step`` runs the model over the whole padded length b
 prompt to the padded length: a row with a longer prompt is fed its prompt one token per step while
 the others answer, and every row runs on after it has produced ``max_new_tokens``. This loop:
 
-- prefills the prompts in one pass, only up to the longest prompt (rounded up to a multiple of
-  ``PREFILL_BUCKET`` so that few shapes compile);
+- prefills the prompts in groups of ``PREFILL_GROUP`` rows of similar length, each only up to its
+  longest prompt (rounded up to a multiple of ``PREFILL_BUCKET`` so that few shapes compile), so a
+  short prompt is not padded to the batch's longest;
 - decodes each row at its own position: every row's new token goes through the model at once, with
   keras-hub's serving hook (``vllm_context_scope``: rotary embeddings at per-row positions, the
   attention handed to :func:`attend_at_positions`), so every row starts answering at step one;
@@ -14,7 +15,8 @@ the others answer, and every row runs on after it has produced ``max_new_tokens`
 
 Each step is the model's own ``call_with_cache`` (its projections, norms, rotary embeddings and MLP)
 followed by the keras-hub sampler's ``compute_probabilities`` and ``get_next_token``, so greedy
-decoding picks the same tokens as ``model.generate``. Gemma 3 on JAX or TensorFlow
+decoding picks the same tokens as ``model.generate`` (keras-hub's own ``GreedySampler`` takes
+:func:`greedy_next_token`: the same token, without the softmax). Gemma 3 on JAX or TensorFlow
 (:meth:`CompactDecoder.supports`), written in ``keras.ops``: on JAX the model's weights and the
 sampler's seed state are passed in as arrays (Keras's stateless scope), as keras-hub's own JAX
 generate function does; on TensorFlow the loop is a ``tf.function`` compiled with XLA that reads the
@@ -43,6 +45,9 @@ from keras_hub.src.vllm.context import get_vllm_context, vllm_context_scope
 # Prompts are prefilled up to the longest one, rounded up to this many tokens (fewer prefill shapes
 # to compile against a little extra prefill work).
 PREFILL_BUCKET = 16
+# Rows prefilled together: rows sorted by prompt length are prefilled this many at a time, each group
+# up to its own longest prompt (more groups: less padding, more prefill shapes to compile).
+PREFILL_GROUP = 8
 
 
 class CompactDecoder:
@@ -83,6 +88,7 @@ class CompactDecoder:
             self._weights = weights
             self._prefill = _compile(self._prefill_fn, static_argnames="cache_length")
             self._decode = _compile(self._decode_fn)
+            self._regroup = _compile(self._regroup_fn)
 
     def initial_sampler_state(self) -> list[np.ndarray]:
         return [np.copy(v) for v in self._initial_sampler_state]
@@ -97,9 +103,7 @@ class CompactDecoder:
                              f"{longest} tokens plus {max_new_tokens} new tokens")
         self._follow_model_variables()
         weights = self._weight_values()
-        prefill_length = min(total_length, PREFILL_BUCKET * math.ceil(longest / PREFILL_BUCKET))
-        cache = self._prefill(weights, ops.convert_to_tensor(token_ids[:, :prefill_length], dtype="int32"),
-                              cache_length=total_length)
+        cache = self._prefill_in_groups(weights, token_ids, prompt_lengths)
         token_ids, steps, sampler_state = self._decode(
             weights, self._sampler_values(sampler_state), ops.convert_to_tensor(token_ids, dtype="int32"), cache,
             ops.convert_to_tensor(prompt_lengths, dtype="int32"), ops.convert_to_tensor(max_new_tokens, dtype="int32"))
@@ -107,6 +111,22 @@ class CompactDecoder:
             sampler_state = self.sampler.variables
         return (ops.convert_to_numpy(token_ids), np.asarray(prompt_lengths) + int(ops.convert_to_numpy(steps)),
                 [ops.convert_to_numpy(v) for v in sampler_state])
+
+    def _prefill_in_groups(self, weights, token_ids: np.ndarray, prompt_lengths: np.ndarray):
+        """The cache after every row's prompt: rows of similar length are prefilled together, each group
+        only up to its longest prompt, and the groups' caches are put back in the rows' order."""
+        batch_size, total_length = token_ids.shape
+        order = np.argsort(prompt_lengths, kind="stable")
+        groups = [order[i:i + PREFILL_GROUP] for i in range(0, batch_size, PREFILL_GROUP)]
+        caches = []
+        for rows in groups:
+            longest = int(prompt_lengths[rows].max())
+            prefill_length = min(total_length, PREFILL_BUCKET * math.ceil(longest / PREFILL_BUCKET))
+            caches.append(self._prefill(weights, ops.convert_to_tensor(token_ids[rows, :prefill_length], dtype="int32"),
+                                        cache_length=total_length))
+        if len(caches) == 1 and np.array_equal(order, np.arange(batch_size)):
+            return caches[0]
+        return self._regroup(caches, ops.convert_to_tensor(np.argsort(order), dtype="int32"))
 
     # On JAX the compiled functions take the variables' values as arguments and run them in a stateless
     # scope; on TensorFlow they read the variables themselves (weights and sampler state go in empty), and
@@ -138,6 +158,17 @@ class CompactDecoder:
             _, _, cache = self.model.call_with_cache(prefix, empty, 0)
         return cache
 
+    @staticmethod
+    def _regroup_fn(caches, place):
+        """One cache from the groups' caches, row r from the sorted row at ``place[r]``."""
+        return tuple(tuple(ops.take(ops.concatenate([c[layer][part] for c in caches], axis=0), place, axis=0)
+                           for part in range(2)) for layer in range(len(caches[0])))
+
+    def _next_token(self, logits):
+        if type(self.sampler) is keras_hub.samplers.GreedySampler:
+            return greedy_next_token(logits)
+        return self.sampler.get_next_token(self.sampler.compute_probabilities(logits))
+
     def _batch_step(self, tokens, cache, positions):
         """One token of every row, each at its own position: (logits (batch, vocabulary), the cache)."""
         with vllm_context_scope(paged_attention_func=partial(attend_at_positions, positions), positions=positions,
@@ -160,7 +191,7 @@ class CompactDecoder:
             fed = ops.take_along_axis(token_ids, position[:, None], axis=1)[:, 0]
             with self._scope(weights, sampler_state) as scope:
                 logits, cache = self._batch_step(fed, cache, position)
-                chosen = self.sampler.get_next_token(self.sampler.compute_probabilities(logits))
+                chosen = self._next_token(logits)
             sampler_state = [_updated(scope, v, old) for v, old in zip(self.sampler.variables, sampler_state)]
             chosen = ops.cast(chosen, "int32")
             token_ids = ops.scatter_update(token_ids, ops.stack([rows, position + 1], axis=1), chosen)
@@ -187,16 +218,35 @@ def attend_at_positions(positions, cache, query, key, value, scale, head_dim, nu
     value_cache = ops.scatter_update(value_cache, at, ops.cast(ops.reshape(value, (batch, kv_heads, head_dim)),
                                                                value_cache.dtype))
     query = ops.reshape(query, (batch, kv_heads, num_heads // kv_heads, head_dim)) * ops.cast(scale, query.dtype)
-    logits = ops.einsum("bkgh,bskh->bkgs", query, key_cache)
+    # Scores as (batch, kv heads, positions, query heads): the cache is the left operand with head_dim,
+    # the contracted axis, innermost, as it is stored. Contracted against the query's head_dim in the
+    # other order, XLA on CPU copied each layer's key cache into a transposed layout at every step.
+    logits = ops.einsum("bskh,bkhg->bksg", key_cache, ops.swapaxes(query, 2, 3))
     if soft_cap is not None:
         logits = ops.tanh(logits / soft_cap) * soft_cap
     distance = positions[:, None] - ops.arange(length, dtype="int32")[None, :]
     visible = distance >= 0
     if sliding_window is not None:
         visible = ops.logical_and(visible, distance < sliding_window)
-    logits = ops.where(visible[:, None, None, :], logits, ops.cast(-1e9, logits.dtype))
-    out = ops.einsum("bkgs,bskh->bkgh", ops.softmax(logits, axis=-1), value_cache)
+    logits = ops.where(visible[:, None, :, None], logits, ops.cast(-1e9, logits.dtype))
+    out = ops.einsum("bksg,bskh->bkgh", ops.softmax(logits, axis=2), value_cache)
     return (key_cache, value_cache), ops.reshape(out, (batch, num_heads * head_dim))
+
+
+def greedy_next_token(logits, chunk: int = 512):
+    """The argmax over the vocabulary of (batch, vocabulary) logits, the first index on ties: the token
+    keras-hub's ``GreedySampler`` picks from the softmax of the same logits (the softmax keeps their
+    order). XLA on CPU runs one argmax over 262,144 words as a single sequential reduction; the max of
+    each chunk first, then the argmax within the first chunk holding it, finds the same index sooner
+    (bench/RESULTS.md, Generation)."""
+    batch, vocabulary = ops.shape(logits)
+    chunks = -(-vocabulary // chunk)
+    if chunks * chunk != vocabulary:
+        logits = ops.pad(logits, [[0, 0], [0, chunks * chunk - vocabulary]], constant_values=-np.inf)
+    pieces = ops.reshape(logits, (batch, chunks, chunk))
+    best = ops.argmax(ops.max(pieces, axis=-1), axis=-1)
+    within = ops.argmax(ops.take_along_axis(pieces, ops.reshape(best, (batch, 1, 1)), axis=1)[:, 0], axis=-1)
+    return ops.cast(best, "int32") * chunk + ops.cast(within, "int32")
 
 
 def _compile(fn, static_argnames=None):

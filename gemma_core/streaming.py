@@ -102,7 +102,7 @@ class StreamingDecoder(CompactDecoder):
     def _step_fn(self, weights, sampler_state, token, cache, position):
         with self._scope(weights, sampler_state) as scope:
             logits, _, cache = self.model.call_with_cache(token[None, None], cache, position)
-            chosen = self.sampler.get_next_token(self.sampler.compute_probabilities(logits[:, 0, :]))
+            chosen = self._next_token(logits[:, 0, :])
         sampler_state = [_updated(scope, v, old) for v, old in zip(self.sampler.variables, sampler_state)]
         return chosen[0].astype("int32"), cache, sampler_state
 
