@@ -229,7 +229,9 @@ def attend_at_positions(positions, cache, query, key, value, scale, head_dim, nu
     if sliding_window is not None:
         visible = ops.logical_and(visible, distance < sliding_window)
     logits = ops.where(visible[:, None, :, None], logits, ops.cast(-1e9, logits.dtype))
-    out = ops.einsum("bksg,bskh->bkgh", ops.softmax(logits, axis=2), value_cache)
+    # The probabilities turned back to (..., query heads, positions) (a small copy), so the output comes
+    # out as (batch, heads, head_dim): in the other order XLA transposed the output projection's kernel.
+    out = ops.einsum("bkgs,bskh->bkgh", ops.swapaxes(ops.softmax(logits, axis=2), 2, 3), value_cache)
     return (key_cache, value_cache), ops.reshape(out, (batch, num_heads * head_dim))
 
 
