@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from gemma_core.config import GenerationConfig
-from gemma_core.decode import CompactDecoder
+from gemma_core import decode
+from gemma_core.decode import CompactDecoder, greedy_next_token
 from gemma_core.generation import generate_answers, make_sampler
 
 
@@ -36,6 +37,39 @@ def test_compact_loop_gives_keras_hub_greedy_answers(tiny_model, sample_splits):
     plain = generate_answers(tiny_model, mixed, cfg.model_copy(update={"batch_size": 1, "compact_decode": False}))
     assert [a.text for a in compact.answers] == [a.text for a in plain.answers]
     assert [a.new_tokens for a in compact.answers] == [a.new_tokens for a in plain.answers]
+
+
+def test_rows_prefilled_in_groups_decode_as_when_prefilled_together(tiny_model, sample_splits, monkeypatch):
+    """Rows in no particular order of length, prefilled two at a time (each pair to its own longest
+    prompt, the caches put back in the rows' order), answer as the same rows prefilled in one group."""
+    mixed = [prompts(sample_splits, 3)[2], "Hi", "Instruction:\nSay yes.\n\nResponse:\n", *prompts(sample_splits, 2), "Ok"]
+    inputs = tiny_model.preprocessor.generate_preprocess(mixed, sequence_length=256)
+    token_ids = np.asarray(inputs["token_ids"])
+    lengths = np.asarray(inputs["padding_mask"]).sum(axis=1)
+    assert len(set(lengths)) > 3 and not np.all(np.diff(lengths) >= 0)
+    decoder = CompactDecoder(tiny_model, make_sampler(GenerationConfig()), stop_token_ids=(1,))
+    outputs = {}
+    for group in (len(mixed), 2):
+        monkeypatch.setattr(decode, "PREFILL_GROUP", group)
+        outputs[group] = decoder(token_ids, lengths, 12, decoder.initial_sampler_state())[:2]
+    np.testing.assert_array_equal(outputs[2][0], outputs[len(mixed)][0])
+    np.testing.assert_array_equal(outputs[2][1], outputs[len(mixed)][1])
+
+
+def test_greedy_next_token_is_the_argmax_of_the_softmax():
+    """The first index of the largest logit, as GreedySampler's argmax over the softmax: ties, a
+    vocabulary that is not a multiple of the chunk, the maximum in the last (padded) chunk."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 1000)).astype("float32") * 4
+    logits[1, [3, 700]] = 50.0       # a tie across chunks: the first index wins
+    logits[2, [600, 601]] = 50.0     # a tie within a chunk
+    logits[3, 999] = 50.0            # in the last, partly padded chunk
+    logits[4, :] = -7.0              # all equal
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected = np.argmax(probabilities / probabilities.sum(axis=1, keepdims=True), axis=1)
+    assert list(expected[1:]) == [3, 600, 999, 0]
+    for chunk in (7, 64, 512, 1000, 4096):
+        np.testing.assert_array_equal(np.asarray(greedy_next_token(logits, chunk=chunk)), expected)
 
 
 def test_a_step_at_per_row_positions_equals_the_models_own_step_at_each(tiny_model):
@@ -178,7 +212,8 @@ _TENSORFLOW = r"""
 import json, sys
 import keras
 from gemma_core.config import GenerationConfig
-from gemma_core.decode import CompactDecoder
+from gemma_core import decode
+from gemma_core.decode import CompactDecoder, greedy_next_token
 from gemma_core.generation import generate_answers
 from gemma_core.models import load_model
 
