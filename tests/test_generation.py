@@ -42,7 +42,8 @@ def test_compact_loop_gives_keras_hub_greedy_answers(tiny_model, sample_splits):
 def test_rows_prefilled_in_groups_decode_as_when_prefilled_together(tiny_model, sample_splits, monkeypatch):
     """Rows in no particular order of length, prefilled two at a time (each pair to its own longest
     prompt, the caches put back in the rows' order), answer as the same rows prefilled in one group."""
-    mixed = [prompts(sample_splits, 3)[2], "Hi", "Instruction:\nSay yes.\n\nResponse:\n", *prompts(sample_splits, 2), "Ok"]
+    mixed = [prompts(sample_splits, 3)[2], "Hi", "Instruction:\nSay yes.\n\nResponse:\n",
+             *prompts(sample_splits, 2), "Ok"]
     inputs = tiny_model.preprocessor.generate_preprocess(mixed, sequence_length=256)
     token_ids = np.asarray(inputs["token_ids"])
     lengths = np.asarray(inputs["padding_mask"]).sum(axis=1)
