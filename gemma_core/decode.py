@@ -86,6 +86,8 @@ class CompactDecoder:
         weights = self.model.trainable_variables + self.model.non_trainable_variables
         if [id(v) for v in weights] != [id(v) for v in self._weights]:
             self._weights = weights
+            queries = {id(layer.attention.query_dense._kernel) for layer in self.model.backbone.transformer_layers}
+            self._query_kernels = [i for i, v in enumerate(weights) if id(v) in queries]
             self._prefill = _compile(self._prefill_fn, static_argnames="cache_length")
             self._decode = _compile(self._decode_fn)
             self._regroup = _compile(self._regroup_fn)
@@ -164,6 +166,22 @@ class CompactDecoder:
         return tuple(tuple(ops.take(ops.concatenate([c[layer][part] for c in caches], axis=0), place, axis=0)
                            for part in range(2)) for layer in range(len(caches[0])))
 
+    # A query kernel is stored (heads, hidden, head_dim) and its einsum contracts the middle axis, so XLA
+    # on CPU copies it to (hidden, heads, head_dim) before the matmul, at every step: loop-invariant code
+    # motion does not hoist a transpose. On JAX the loop gets each one transposed once before it starts
+    # (kept so by an optimization barrier) and hands the layer a transposed view, which the matmul reads
+    # in place.
+    def _queries_stored_for_the_step(self, weights) -> dict:
+        if not self._stateless:
+            return {}
+        import jax
+
+        return {i: jax.lax.optimization_barrier(ops.transpose(weights[i], (1, 0, 2))) for i in self._query_kernels}
+
+    @staticmethod
+    def _queries_as_the_layer_reads_them(weights, stored: dict) -> list:
+        return [ops.transpose(stored[i], (1, 0, 2)) if i in stored else w for i, w in enumerate(weights)]
+
     def _next_token(self, logits):
         if type(self.sampler) is keras_hub.samplers.GreedySampler:
             return greedy_next_token(logits)
@@ -179,6 +197,7 @@ class CompactDecoder:
         return logits[:, 0], cache
 
     def _decode_fn(self, weights, sampler_state, token_ids, cache, prompt_lengths, max_new_tokens):
+        stored = self._queries_stored_for_the_step(weights)
         batch_size = ops.shape(token_ids)[0]
         rows = ops.arange(batch_size, dtype="int32")
         stops = ops.convert_to_tensor(self.stop_token_ids, dtype="int32")
@@ -189,7 +208,7 @@ class CompactDecoder:
         def step(token_ids, cache, step, done, sampler_state):
             position = prompt_lengths - 1 + step  # of the token fed; it predicts the one after
             fed = ops.take_along_axis(token_ids, position[:, None], axis=1)[:, 0]
-            with self._scope(weights, sampler_state) as scope:
+            with self._scope(self._queries_as_the_layer_reads_them(weights, stored), sampler_state) as scope:
                 logits, cache = self._batch_step(fed, cache, position)
                 chosen = self._next_token(logits)
             sampler_state = [_updated(scope, v, old) for v, old in zip(self.sampler.variables, sampler_state)]
