@@ -213,8 +213,7 @@ _TENSORFLOW = r"""
 import json, sys
 import keras
 from gemma_core.config import GenerationConfig
-from gemma_core import decode
-from gemma_core.decode import CompactDecoder, greedy_next_token
+from gemma_core.decode import CompactDecoder
 from gemma_core.generation import generate_answers
 from gemma_core.models import load_model
 
