@@ -76,6 +76,7 @@ class CompactDecoder:
         self.stop_token_ids = tuple(int(i) for i in stop_token_ids)
         self._weights: list = []
         self._follow_model_variables()
+        self._regroup = _compile(self._regroup_fn)  # reads no variable: traced once
         # Kept from the start: on TensorFlow the sampler's variables move on as it samples.
         self._initial_sampler_state = [ops.convert_to_numpy(v) for v in sampler.variables]
 
@@ -90,7 +91,6 @@ class CompactDecoder:
             self._query_kernels = [i for i, v in enumerate(weights) if id(v) in queries]
             self._prefill = _compile(self._prefill_fn, static_argnames="cache_length")
             self._decode = _compile(self._decode_fn)
-            self._regroup = _compile(self._regroup_fn)
 
     def initial_sampler_state(self) -> list[np.ndarray]:
         return [np.copy(v) for v in self._initial_sampler_state]
@@ -122,9 +122,8 @@ class CompactDecoder:
         groups = [order[i:i + PREFILL_GROUP] for i in range(0, batch_size, PREFILL_GROUP)]
         caches = []
         for rows in groups:
-            longest = int(prompt_lengths[rows].max())
-            prefill_length = min(total_length, PREFILL_BUCKET * math.ceil(longest / PREFILL_BUCKET))
-            caches.append(self._prefill(weights, ops.convert_to_tensor(token_ids[rows, :prefill_length], dtype="int32"),
+            length = prefill_length(int(prompt_lengths[rows].max()), total_length)
+            caches.append(self._prefill(weights, ops.convert_to_tensor(token_ids[rows, :length], dtype="int32"),
                                         cache_length=total_length))
         if len(caches) == 1 and np.array_equal(order, np.arange(batch_size)):
             return caches[0]
@@ -252,6 +251,11 @@ def attend_at_positions(positions, cache, query, key, value, scale, head_dim, nu
     # out as (batch, heads, head_dim): in the other order XLA transposed the output projection's kernel.
     out = ops.einsum("bkgs,bskh->bkgh", ops.swapaxes(ops.softmax(logits, axis=2), 2, 3), value_cache)
     return (key_cache, value_cache), ops.reshape(out, (batch, num_heads * head_dim))
+
+
+def prefill_length(longest_prompt: int, cache_length: int) -> int:
+    """How far a prefill runs: the longest prompt rounded up to ``PREFILL_BUCKET``, within the cache."""
+    return min(cache_length, PREFILL_BUCKET * math.ceil(longest_prompt / PREFILL_BUCKET))
 
 
 def greedy_next_token(logits, chunk: int = 512):

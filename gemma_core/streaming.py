@@ -25,7 +25,6 @@ the whole answer so far and emits what is new.
 
 from __future__ import annotations
 
-import math
 from typing import Iterator, Sequence
 
 import jax
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from gemma_core.decode import PREFILL_BUCKET, CompactDecoder, _updated
+from gemma_core.decode import CompactDecoder, _updated, prefill_length
 from gemma_core.generation import decode_ids
 
 
@@ -84,8 +83,7 @@ class StreamingDecoder(CompactDecoder):
                              f"the context of {self.cache_length} tokens")
         self._follow_model_variables()
         weights = [v.value for v in self._weights]
-        prefill_length = min(self.cache_length, PREFILL_BUCKET * math.ceil(length / PREFILL_BUCKET))
-        prefix = np.zeros((1, prefill_length), dtype="int32")
+        prefix = np.zeros((1, prefill_length(length, self.cache_length)), dtype="int32")
         prefix[0, :length] = prompt_ids
         cache = self._prefill(weights, jnp.asarray(prefix), cache_length=self.cache_length)
         token = jnp.int32(prompt_ids[-1])
